@@ -1,0 +1,75 @@
+"""Benchmarks: ``python -m hash3d_dg.bench {flops,cache-exactness,macs,speed,oracle} [--json]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _print(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    def walk(obj, prefix=""):
+        if isinstance(obj, dict):
+            for key, value in obj.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            print(f"{prefix[:-1]}: {obj}")
+    walk(result)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hash3d_dg.bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("flops", help="GMACs of the real stable-zero123 UNet / VAE (meta device)")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--cache-point", default="last_subblock", choices=["last_subblock", "last_block"])
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("cache-exactness", help="shallow cached path vs full forward on tiny UNets")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+
+    from hash3d_dg.bench import macs, speed
+
+    p = sub.add_parser("macs", help="TMACs of a whole run per hash3d mode (call counts from the real stage loops)")
+    macs.add_arguments(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("speed", help="seconds per stage iteration, hash3d off vs each mode, side by side")
+    speed.add_arguments(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("oracle", help="quality without weights: an oracle denoiser stands in for Zero-1-to-3")
+    try:
+        from hash3d_dg.bench import oracle
+    except ImportError:  # pragma: no cover - the harness module is part of the package
+        oracle = None
+    if oracle is not None:
+        oracle.add_arguments(p)
+    p.add_argument("--json", action="store_true")
+
+    args = parser.parse_args(argv)
+    if args.command == "flops":
+        from hash3d_dg.bench.flops import flops_report
+
+        result = flops_report(args.image_size, args.cache_point)
+    elif args.command == "cache-exactness":
+        from hash3d_dg.bench.exactness import exactness_report
+
+        result = exactness_report(args.seed)
+    elif args.command == "macs":
+        result = macs.run_from_args(args)
+    elif args.command == "speed":
+        result = speed.run_from_args(args)
+    else:
+        result = oracle.run_from_args(args)
+    _print(result, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""FLOP/MAC accounting on the meta device: real architectures, no weights, no memory.
+
+MACs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (which counts 2 FLOPs per
+multiply-accumulate of matmuls and convolutions) and reported as GMACs = FLOPs / 2e9.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+CACHE_POINTS = ("last_subblock", "last_block")
+
+
+def count_gmacs(fn, *args, **kwargs) -> float:
+    with FlopCounterMode(display=False) as counter:
+        fn(*args, **kwargs)
+    return counter.get_total_flops() / 2e9
+
+
+def meta_unet(config: dict | None = None):
+    from diffusers import UNet2DConditionModel
+
+    from hash3d_dg.guidance.tiny import stable_zero123_unet_config
+
+    with torch.device("meta"):
+        return UNet2DConditionModel(**(config or stable_zero123_unet_config())).eval()
+
+
+def meta_vae(config: dict | None = None):
+    from diffusers import AutoencoderKL
+
+    from hash3d_dg.guidance.tiny import stable_zero123_vae_config
+
+    with torch.device("meta"):
+        return AutoencoderKL(**(config or stable_zero123_vae_config())).eval()
+
+
+def unet_inputs(unet, batch: int, latent_size: int):
+    cfg = unet.config
+    sample = torch.empty(batch, cfg.in_channels, latent_size, latent_size, device="meta")
+    timestep = torch.full((batch,), 500, dtype=torch.long, device="meta")
+    context = torch.empty(batch, 1, cfg.cross_attention_dim, device="meta")
+    return sample, timestep, context
+
+
+@lru_cache(maxsize=4)
+def unet_gmacs(image_size: int = 256, batch: int = 2) -> dict:
+    """Full and shallow (per cache point) UNet GMACs for a batch (2 = one CFG pair)."""
+    from hash3d_dg.cache import UNetSplit
+
+    unet = meta_unet()
+    sample, timestep, context = unet_inputs(unet, batch, image_size // 8)
+    with torch.no_grad():
+        full = count_gmacs(unet, sample, timestep, encoder_hidden_states=context)
+        by_point = {}
+        for point in CACHE_POINTS:
+            split = UNetSplit(unet, point)
+            _, feature = split.full(sample, timestep, context)
+            by_point[point] = count_gmacs(split.shallow, sample, timestep, context, feature)
+    return {"full": full, "shallow_by_point": by_point}
+
+
+@lru_cache(maxsize=4)
+def vae_gmacs(image_size: int = 256) -> dict:
+    vae = meta_vae()
+    image = torch.empty(1, 3, image_size, image_size, device="meta")
+    latent = torch.empty(1, vae.config.latent_channels, image_size // 8, image_size // 8, device="meta")
+    with torch.no_grad():
+        encode = count_gmacs(vae.encode, image)
+        decode = count_gmacs(vae.decode, latent)
+    return {"encode": encode, "decode": decode}
+
+
+def flops_report(image_size: int = 256, cache_point: str = "last_subblock") -> dict:
+    """The numbers `python -m hash3d_dg.bench flops` prints."""
+    unet = unet_gmacs(image_size, 2)
+    vae = vae_gmacs(image_size)
+    shallow = unet["shallow_by_point"]
+    return {
+        "architecture": "stable-zero123 (SD-1.x UNet, in_channels 8, cross-attention 768) + SD VAE",
+        "image_size": image_size,
+        "latent_size": image_size // 8,
+        "unet_batch": 2,
+        "unet_full_gmacs": round(unet["full"], 3),
+        "unet_shallow_gmacs": round(shallow[cache_point], 3),
+        "unet_shallow_cache_point": cache_point,
+        "unet_shallow_gmacs_by_point": {k: round(v, 3) for k, v in shallow.items()},
+        "unet_shallow_fraction_by_point": {k: round(v / unet["full"], 4) for k, v in shallow.items()},
+        "vae_encode_gmacs": round(vae["encode"], 3),
+        "vae_decode_gmacs": round(vae["decode"], 3),
+        "counter": "torch.utils.flop_counter.FlopCounterMode on the meta device; GMACs = FLOPs / 2e9",
+    }

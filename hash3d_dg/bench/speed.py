@@ -1,0 +1,86 @@
+"""Seconds per stage-1 and stage-2 iteration, hash3d off vs each mode, side by side in one
+process with the same seed. Weights are random (timing only). On CPU the UNet is a small one
+and the VAE the tiny one; on CUDA the full-size stable-zero123 UNet and VAE in fp16 with the
+CUDA rasterizers where installed."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from hash3d_dg.bench.harness import (bench_config, describe_machine, run_stages, sample_reference,
+                                     sized_guidance, standin_mesh)
+from hash3d_dg.pipeline import RunContext
+
+MODES = ("off", "paper", "official")
+
+
+def speed_report(iters: int = 40, iters_refine: int = 8, size: int = 128, unet: str | None = None,
+                 vae: str | None = None, device: str = "auto", seed: int = 0, repeats: int = 1,
+                 modes=MODES) -> dict:
+    device_t = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                            ("cpu" if device == "auto" else device))
+    on_cuda = device_t.type == "cuda"
+    unet = unet or ("full" if on_cuda else "small")
+    vae = vae or ("full" if on_cuda else "tiny")
+    dtype = torch.float16 if on_cuda else torch.float32
+    image_size = 256 if vae == "full" else 64
+    results = {}
+    for mode in modes:
+        cfg = bench_config(mode, iters, iters_refine, size=size, image_size=image_size, seed=seed,
+                           device=str(device_t))
+        ctx = RunContext.create(cfg, progress=False)
+        cfg = ctx.cfg
+        timings = []
+        for _ in range(repeats):
+            guidance = sized_guidance(cfg, device_t, dtype, unet, vae)
+            ref = sample_reference(cfg.stage1.ref_size, cfg, device_t)
+            guidance.set_reference(ref.image_nchw(), cfg.elevation)
+            mesh = standin_mesh(device=device_t)
+            if on_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            reports = run_stages(cfg, guidance, ref, mesh)
+            if on_cuda:
+                torch.cuda.synchronize()
+            reports["wall"] = time.perf_counter() - start
+            timings.append(reports)
+        best = min(timings, key=lambda r: r["wall"])
+        s1, s2 = best["stage1"], best["stage2"]
+        results[mode] = {
+            "stage1_s_per_iter": round(s1["seconds"] / max(iters, 1), 5),
+            "stage2_s_per_iter": round(s2["seconds"] / max(iters_refine, 1), 5),
+            "stage1_unet": s1["unet"], "stage2_unet": s2["unet"],
+            "stage1_hits": s1["cache"]["hits"], "stage2_hits": s2["cache"]["hits"],
+            "backends": {"gaussian": ctx.gaussian_backend, "mesh": ctx.mesh_backend},
+        }
+    off = results.get("off")
+    if off:
+        for entry in results.values():
+            entry["stage1_ratio_to_off"] = round(entry["stage1_s_per_iter"] / off["stage1_s_per_iter"], 4)
+            entry["stage2_ratio_to_off"] = round(entry["stage2_s_per_iter"] / off["stage2_s_per_iter"], 4)
+    return {"modes": results, "settings": {"iters": iters, "iters_refine": iters_refine,
+                                           "render_size": size, "unet": unet, "vae": vae,
+                                           "dtype": str(dtype).replace("torch.", ""),
+                                           "guidance_image_size": image_size, "repeats": repeats,
+                                           "device": str(device_t)},
+            "machine": describe_machine()}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--iters", type=int, default=40, help="stage-1 iterations per mode")
+    p.add_argument("--iters-refine", type=int, default=8, help="stage-2 iterations per mode")
+    p.add_argument("--size", type=int, default=128, help="render size")
+    p.add_argument("--unet", choices=["tiny", "small", "full"], help="default: full on CUDA, small on CPU")
+    p.add_argument("--vae", choices=["tiny", "full"], help="default: full on CUDA, tiny on CPU")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+
+
+def run_from_args(args) -> dict:
+    return speed_report(args.iters, args.iters_refine, args.size, args.unet, args.vae, args.device,
+                        args.seed, args.repeats, tuple(args.modes))

@@ -1,0 +1,235 @@
+"""The end-to-end run: image -> preprocess -> stage 1 -> mesh -> stage 2 -> export.
+
+``run_image`` reads top to bottom in that order. Everything a run needs that is shared between
+several input images (device, backends, the guidance model) lives in a ``RunContext``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hash3d_dg.atomic import save_image_atomic, write_json_atomic
+from hash3d_dg.config import TINY_MODEL, RunConfig
+from hash3d_dg.errors import ConfigError, InputError
+from hash3d_dg.gaussians import load_ply, resolve_gaussian_backend, save_ply
+from hash3d_dg.mesh import export_glb, export_obj, resolve_mesh_backend
+from hash3d_dg.outputs import OutputFolder
+from hash3d_dg.preprocess import PreparedImage, load_image, prepare_image
+from hash3d_dg.previews import PREVIEW_ELEVATION, contact_sheet, render_views, write_turntable
+from hash3d_dg.stages import ReferenceView, extract_textured_mesh, run_stage1, run_stage2
+
+log = logging.getLogger(__name__)
+
+STAGES = ("all", "1", "2")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' was asked for but CUDA is not available here: use --device cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name == "float16" and device.type == "cpu":
+        raise ConfigError("guidance.dtype float16 is not supported on CPU: use float32 or auto")
+    return {"float16": torch.float16, "float32": torch.float32}[name]
+
+
+def tiny_model_dir(family: str = "stable", seed: int = 0) -> Path:
+    """The built-in tiny random checkpoint (smoke runs), written on first use into the cache."""
+    from hash3d_dg.guidance import write_tiny_checkpoint
+
+    cache = Path(os.environ.get("HASH3D_DG_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hash3d-dg"))
+    target = cache / f"tiny-{family}-zero123-diffusers-{seed}"
+    if not (target / "model_index.json").is_file():
+        staging = cache / f".{target.name}.tmp-{os.getpid()}"
+        write_tiny_checkpoint(staging, family=family, seed=seed)
+        try:
+            os.replace(staging, target)
+        except OSError:  # another process won the race
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def build_guidance(cfg: RunConfig, device: torch.device, dtype: torch.dtype):
+    """Zero-1-to-3 guidance whose UNet runs through the Hash3D cache (or none when mode=off)."""
+    from hash3d_dg.cache import CachedDenoiser, Hash3DCache, UNetSplit
+    from hash3d_dg.guidance import Zero123Guidance, load_zero123
+
+    model = cfg.guidance.model
+    family = cfg.guidance.family
+    if model == TINY_MODEL:
+        family = "stable" if family == "auto" else family
+        model = str(tiny_model_dir(family))
+    components = load_zero123(model, device=device, dtype=dtype, family=family)
+    cache = Hash3DCache(cfg.hash3d, seed=cfg.seed) if cfg.hash3d.mode != "off" else None
+    denoiser = CachedDenoiser(UNetSplit(components.unet, cfg.hash3d.cache_point), cache)
+    return Zero123Guidance(components, denoiser=denoiser, guidance_scale=cfg.guidance.guidance_scale,
+                           image_size=cfg.guidance.image_size, seed=cfg.seed)
+
+
+@dataclass
+class RunContext:
+    """What several images of one invocation share."""
+
+    cfg: RunConfig
+    device: torch.device
+    dtype: torch.dtype
+    gaussian_backend: str
+    mesh_backend: str
+    progress: bool = True
+    _guidance: object = field(default=None, repr=False)
+
+    @classmethod
+    def create(cls, cfg: RunConfig, progress: bool = True) -> "RunContext":
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.guidance.dtype, device)
+        try:
+            gaussian_backend = resolve_gaussian_backend(cfg.stage1.backend, device)
+            mesh_backend = resolve_mesh_backend(cfg.stage2.backend, device)
+        except ValueError as exc:
+            raise ConfigError(str(exc).splitlines()[0]) from None
+        cfg = copy.deepcopy(cfg)  # every render of the run uses the resolved backends
+        cfg.stage1.backend, cfg.stage2.backend = gaussian_backend, mesh_backend
+        return cls(cfg, device, dtype, gaussian_backend, mesh_backend, progress)
+
+    @property
+    def needs_guidance(self) -> bool:
+        return self.cfg.guidance.lambda_zero123 > 0 and (self.cfg.stage1.iters > 0 or self.cfg.stage2.iters > 0)
+
+    def guidance(self):
+        """The guidance model, loaded on first use (None when guidance is switched off)."""
+        if self._guidance is None and self.needs_guidance:
+            self._guidance = build_guidance(self.cfg, self.device, self.dtype)
+        return self._guidance
+
+    def describe(self) -> str:
+        cfg = self.cfg
+        hash3d = cfg.hash3d.mode if cfg.hash3d.mode == "off" else (
+            f"{cfg.hash3d.mode} (eta {cfg.hash3d.eta}, {len(cfg.hash3d.grids)} grid(s), "
+            f"cache point {cfg.hash3d.cache_point}, stage 2 {cfg.hash3d.stage2})")
+        model = cfg.guidance.model if self.needs_guidance else "none (lambda_zero123=0)"
+        return (f"device {self.device} | dtype {str(self.dtype).replace('torch.', '')} | "
+                f"gaussians: {self.gaussian_backend} | mesh: {self.mesh_backend} | "
+                f"model: {model} | hash3d: {hash3d}")
+
+
+def _versions() -> dict:
+    import diffusers
+    import transformers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+    if torch.cuda.is_available():
+        info["cuda"] = torch.version.cuda
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _merge_unet_totals(*sections: dict) -> dict:
+    full = sum(s.get("unet", {}).get("full_calls", 0) for s in sections)
+    shallow = sum(s.get("unet", {}).get("shallow_calls", 0) for s in sections)
+    return {"full_calls": full, "shallow_calls": shallow,
+            "hit_rate": round(shallow / (full + shallow), 4) if full + shallow else 0.0}
+
+
+def _load_stage1_result(out: OutputFolder, name: str, cfg: RunConfig, device) -> tuple[PreparedImage, object]:
+    ply = out.final_path(f"{name}_gaussians.ply")
+    rgba_png = out.final_path(f"{name}_rgba.png")
+    if not ply.is_file() or not rgba_png.is_file():
+        raise InputError(f"no stage-1 result for '{name}' in {out.final}: run with --stage 1 or "
+                         f"--stage all first (expected {ply.name} and {rgba_png.name})")
+    rgba = load_image(rgba_png)
+    if rgba.shape[-1] != 4:
+        raise InputError(f"{rgba_png} has no alpha channel: rerun stage 1")
+    try:
+        gaussians = load_ply(ply, device=device)
+    except Exception as exc:  # a damaged PLY of ours: say which file
+        raise InputError(f"cannot read {ply}: {exc}: rerun stage 1") from None
+    prepared = PreparedImage(rgba=rgba, name=name, source=rgba_png, had_alpha=True, matting="alpha")
+    return prepared, gaussians
+
+
+def run_image(image_path: str | Path, ctx: RunContext, output_root: str | Path = "logs",
+              name: str | None = None, stage: str = "all") -> dict:
+    """Run the product on one image; returns the report (also written as <name>_report.json)."""
+    cfg = ctx.cfg
+    image_path = Path(image_path)
+    name = name or image_path.stem.removesuffix("_rgba")
+    t_start = time.perf_counter()
+    report: dict = {"name": name, "input": str(image_path), "stage": stage,
+                    "config": cfg.to_dict(), "device": str(ctx.device),
+                    "dtype": str(ctx.dtype).replace("torch.", ""),
+                    "backends": {"gaussian": ctx.gaussian_backend, "mesh": ctx.mesh_backend},
+                    "model": cfg.guidance.model if ctx.needs_guidance else None,
+                    "hash3d": {"mode": cfg.hash3d.mode, **{k: v for k, v in cfg.to_dict()["hash3d"].items() if k != "mode"}},
+                    "versions": _versions()}
+    with OutputFolder(output_root, name) as out:
+        # 1. Preprocess (or reuse a stage-1 result).
+        t0 = time.perf_counter()
+        if stage == "2":
+            prepared, gaussians = _load_stage1_result(out, name, cfg, ctx.device)
+        else:
+            prepared = prepare_image(image_path, size=cfg.stage1.ref_size, matting=cfg.matting)
+            gaussians = None
+            save_image_atomic(out.path(f"{name}_rgba.png"), prepared.rgba)
+        report["preprocess"] = {"seconds": round(time.perf_counter() - t0, 3),
+                                "had_alpha": prepared.had_alpha, "matting": prepared.matting}
+        ref = ReferenceView.from_rgba(prepared.rgba, cfg.elevation, cfg.radius, cfg.fovy,
+                                      cfg.stage1.ref_size, ctx.device)
+        guidance = ctx.guidance()
+        if guidance is not None:
+            report["model_family"] = guidance.components.family
+            guidance.set_reference(ref.image_nchw(), cfg.elevation)
+
+        # 2. Stage 1: Gaussians.
+        if stage in ("all", "1"):
+            s1 = run_stage1(ref, cfg, guidance, progress=ctx.progress)
+            gaussians = s1.gaussians
+            report["stage1"] = s1.report
+            save_ply(gaussians, out.path(f"{name}_gaussians.ply"))
+
+        # 3. Mesh and 4. stage 2; 5. export.
+        if stage in ("all", "2"):
+            mesh, report["mesh"] = extract_textured_mesh(gaussians, cfg, ctx.gaussian_backend)
+            if guidance is not None and guidance.denoiser.cache is not None:
+                guidance.denoiser.cache.clear()  # stage 2 starts with an empty table
+            s2 = run_stage2(mesh, ref, cfg, guidance, progress=ctx.progress)
+            mesh = s2.mesh
+            report["stage2"] = s2.report
+            t0 = time.perf_counter()
+            export_glb(mesh, out.path(f"{name}.glb"))
+            export_obj(mesh, out.path(f"{name}.obj"))
+            size, o = cfg.output.preview_size, cfg.output
+            frames = render_views(mesh, np.linspace(0, 360, o.turntable_frames, endpoint=False),
+                                  PREVIEW_ELEVATION, cfg.radius, size, cfg.fovy, ctx.mesh_backend)
+            if o.save_video:
+                write_turntable(frames, out.path(f"{name}_turntable.mp4"))
+            reference = (np.clip(ref.rgb.cpu().numpy(), 0, 1) * 255).round().astype(np.uint8)
+            contact_sheet(mesh, out.path(f"{name}_views.png"), o.contact_sheet_views, cfg.radius,
+                          size, cfg.fovy, ctx.mesh_backend, reference=reference)
+            report["export"] = {"seconds": round(time.perf_counter() - t0, 3)}
+
+        report["unet_total"] = _merge_unet_totals(report.get("stage1", {}), report.get("stage2", {}))
+        report["total_seconds"] = round(time.perf_counter() - t_start, 3)
+        staged = sorted(p.name for p in out.staging.iterdir()) + [f"{name}_report.json"]
+        report["outputs"] = {fname: str(out.final_path(fname)) for fname in staged}
+        write_json_atomic(out.path(f"{name}_report.json"), report)
+        out.commit()
+    return report
+

@@ -1,0 +1,132 @@
+"""Stage 1: fit 3D Gaussians to the reference view plus Zero-1-to-3 SDS on random novel views."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from hash3d_dg.camera import Camera
+from hash3d_dg.config import RunConfig
+from hash3d_dg.gaussians import Densifier, GaussianModel, position_lr
+from hash3d_dg.stages.metrics import mask_iou, psnr
+from hash3d_dg.stages.reference import ReferenceView
+from hash3d_dg.stages.views import GuidanceMeter, sample_novel_view
+
+log = logging.getLogger(__name__)
+
+WHITE = (1.0, 1.0, 1.0)
+BLACK = (0.0, 0.0, 0.0)
+
+
+@dataclass
+class Stage1Result:
+    gaussians: GaussianModel
+    report: dict
+
+
+def render_resolution(step_ratio: float, resolutions: list, milestones: list) -> int:
+    """Progressive render size: resolutions[k] once step_ratio passes milestones[k-1]."""
+    index = sum(1 for m in milestones if step_ratio >= m)
+    return int(resolutions[index])
+
+
+def evaluate_reference(gaussians: GaussianModel, ref: ReferenceView, backend: str) -> dict:
+    with torch.no_grad():
+        out = gaussians.render(ref.camera, torch.tensor(WHITE, device=ref.rgb.device), backend=backend)
+    return {"ref_psnr": round(psnr(out.image, ref.rgb), 3),
+            "ref_mask_iou": round(mask_iou(out.alpha, ref.mask), 4)}
+
+
+def run_stage1(ref: ReferenceView, cfg: RunConfig, guidance=None, progress: bool = True,
+               gaussians: GaussianModel | None = None) -> Stage1Result:
+    """Optimise Gaussians for ``cfg.stage1.iters`` steps.
+
+    ``guidance`` is a ``Zero123Guidance`` with its reference already set, or None (then only the
+    reference view is fitted, as with ``guidance.lambda_zero123=0``).
+    """
+    s1 = cfg.stage1
+    device = ref.rgb.device
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if gaussians is None:
+        gaussians = GaussianModel.random_init(s1.num_pts, s1.init_radius, seed=cfg.seed, device=device)
+    optimizer = gaussians.make_optimizer({
+        "means": s1.position_lr_init, "sh0": s1.feature_lr, "opacities": s1.opacity_lr,
+        "scales": s1.scaling_lr, "quats": s1.rotation_lr,
+    })
+    densifier = Densifier(
+        grad_threshold=s1.densify_grad_threshold, percent_dense=s1.percent_dense,
+        start_iter=s1.density_start_iter, end_iter=s1.density_end_iter,
+        interval=s1.densification_interval, opacity_reset_interval=s1.opacity_reset_interval,
+    )
+    use_guidance = guidance is not None and cfg.guidance.lambda_zero123 > 0
+    meter = GuidanceMeter(guidance if use_guidance else None)
+    white = torch.tensor(WHITE, device=device)
+    densify_counts = {"cloned": 0, "split": 0, "pruned": 0}
+
+    start = time.perf_counter()
+    bar = tqdm(range(1, s1.iters + 1), desc="stage 1 (gaussians)", disable=not progress,
+               dynamic_ncols=True)
+    loss_value = float("nan")
+    for step in bar:
+        step_ratio = min(1.0, step / max(s1.iters, 1))
+        for group in optimizer.param_groups:
+            if group.get("name") == "means":
+                group["lr"] = position_lr(step, s1.position_lr_init, s1.position_lr_final,
+                                          s1.position_lr_delay_mult, s1.position_lr_max_steps)
+
+        # Known view: match the input image and its mask.
+        out = gaussians.render(ref.camera, white, backend=s1.backend)
+        loss = s1.lambda_rgb * F.mse_loss(out.image, ref.rgb)
+        loss = loss + s1.lambda_mask * F.mse_loss(out.alpha, ref.mask)
+
+        # Novel views: score distillation through (cached) Zero-1-to-3.
+        if use_guidance:
+            res = render_resolution(step_ratio, s1.render_res, s1.render_res_milestones)
+            images, views = [], []
+            for _ in range(s1.batch_size):
+                view = sample_novel_view(rng, ref.elevation, s1.min_ver, s1.max_ver)
+                camera = Camera.orbit(ref.elevation + view.d_elevation, view.d_azimuth,
+                                      cfg.radius + view.d_radius, width=res, fovy=cfg.fovy)
+                bg = BLACK if rng.random() < s1.invert_bg_prob else WHITE
+                out = gaussians.render(camera, torch.tensor(bg, device=device), backend=s1.backend)
+                images.append(out.image.permute(2, 0, 1))
+                views.append(view)
+            sds = guidance.sds(
+                torch.stack(images),
+                [v.d_elevation for v in views], [v.d_azimuth for v in views],
+                [v.d_radius for v in views],
+                step_ratio=step_ratio if s1.anneal_timestep else None,
+            )
+            loss = loss + cfg.guidance.lambda_zero123 * sds
+
+        loss.backward()
+        optimizer.step()
+        # Densification statistics come from the last render, as in DreamGaussian.
+        counts = densifier.step_post_backward(gaussians, optimizer, out, step)
+        for key in densify_counts:
+            densify_counts[key] += int(counts.get(key, 0)) if counts else 0
+        optimizer.zero_grad(set_to_none=True)
+
+        loss_value = float(loss.detach())
+        if progress:
+            postfix = {"loss": f"{loss_value:.4g}", "pts": gaussians.num_points}
+            if use_guidance and guidance.denoiser.cache is not None:
+                postfix["hit"] = f"{meter.hit_rate():.0%}"
+            bar.set_postfix(postfix)
+    bar.close()
+
+    pruned = densifier.prune(gaussians, optimizer, densifier.min_opacity)
+    densify_counts["pruned"] += int(pruned)
+    seconds = time.perf_counter() - start
+    report = {"iters": s1.iters, "seconds": round(seconds, 3), "final_loss": loss_value,
+              "num_gaussians": gaussians.num_points, "densify": densify_counts}
+    report.update(evaluate_reference(gaussians, ref, s1.backend))
+    report.update(meter.report())
+    return Stage1Result(gaussians=gaussians, report=report)

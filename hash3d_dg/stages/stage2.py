@@ -1,0 +1,128 @@
+"""Stage 2: refine the mesh texture (and optionally its vertices) toward Zero-1-to-3 img2img."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from hash3d_dg.camera import Camera
+from hash3d_dg.config import RunConfig
+from hash3d_dg.mesh import Mesh, rasterize_mesh
+from hash3d_dg.stages.metrics import mask_iou, psnr
+from hash3d_dg.stages.reference import ReferenceView
+from hash3d_dg.stages.views import GuidanceMeter, sample_novel_view
+
+
+@dataclass
+class Stage2Result:
+    mesh: Mesh
+    report: dict
+
+
+def _logit(x: torch.Tensor) -> torch.Tensor:
+    x = x.clamp(1e-4, 1 - 1e-4)
+    return torch.log(x / (1 - x))
+
+
+def render_supersampled(mesh: Mesh, camera: Camera, size: int, ssaa: float, albedo: torch.Tensor,
+                        offsets: torch.Tensor | None, backend: str, background: torch.Tensor):
+    """Render at ``size * ssaa`` and resample to ``size`` (DreamGaussian's random supersampling).
+
+    Returns (rgb [size,size,3], alpha [size,size,1], viewcos [size,size,1])."""
+    inner = max(8, int(round(size * ssaa)))
+    out = rasterize_mesh(mesh, camera.resized(inner), background=background, backend=backend,
+                         vertex_offsets=offsets, albedo=albedo)
+    forward = torch.as_tensor(camera.c2w[:3, 2], dtype=out.normal.dtype, device=out.normal.device)
+    viewcos = (out.normal * forward).sum(-1, keepdim=True)
+    stacked = torch.cat([out.rgb, out.alpha, viewcos], dim=-1)
+    if inner != size:
+        stacked = F.interpolate(stacked.permute(2, 0, 1)[None], (size, size), mode="bilinear",
+                                align_corners=False, antialias=inner > size)[0].permute(1, 2, 0)
+    return stacked[..., :3], stacked[..., 3:4], stacked[..., 4:5]
+
+
+def run_stage2(mesh: Mesh, ref: ReferenceView, cfg: RunConfig, guidance=None,
+               progress: bool = True) -> Stage2Result:
+    """Optimise the albedo (and vertex offsets when ``stage2.geom_lr > 0``) for
+    ``cfg.stage2.iters`` steps; returns the refined mesh."""
+    s2 = cfg.stage2
+    device = ref.rgb.device
+    rng = np.random.default_rng(cfg.seed + 1)
+    mesh = mesh.to(device)
+    raw_albedo = torch.nn.Parameter(_logit(mesh.albedo.float()))
+    groups = [{"params": [raw_albedo], "lr": s2.texture_lr}]
+    offsets = None
+    if s2.geom_lr > 0:
+        offsets = torch.nn.Parameter(torch.zeros_like(mesh.v))
+        groups.append({"params": [offsets], "lr": s2.geom_lr})
+    optimizer = torch.optim.Adam(groups)
+    white = torch.ones(3, device=device)
+    use_guidance = guidance is not None and cfg.guidance.lambda_zero123 > 0
+    meter = GuidanceMeter(guidance if use_guidance else None)
+    trajectory = use_guidance and cfg.hash3d.mode != "off" and cfg.hash3d.stage2 == "trajectory"
+
+    start = time.perf_counter()
+    bar = tqdm(range(1, s2.iters + 1), desc="stage 2 (mesh)  ", disable=not progress,
+               dynamic_ncols=True)
+    loss_value = float("nan")
+    for step in bar:
+        step_ratio = min(1.0, step / max(s2.iters, 1))
+        albedo = torch.sigmoid(raw_albedo)
+
+        # Known view: MSE on pixels the mesh covers and faces the camera.
+        ssaa = float(np.clip(rng.uniform(0, 2.0), s2.ssaa_min, s2.ssaa_max))
+        rgb, alpha, viewcos = render_supersampled(mesh, ref.camera, ref.camera.width, ssaa, albedo,
+                                                  offsets, s2.backend, white)
+        valid = ((alpha > 0) & (viewcos > 0.5)).detach().float()
+        loss = F.mse_loss(rgb * valid, ref.rgb * valid)
+
+        # Novel view: MSE toward Zero-1-to-3's partially denoised version of the render.
+        if use_guidance:
+            view = sample_novel_view(rng, ref.elevation, cfg.stage1.min_ver, cfg.stage1.max_ver)
+            camera = Camera.orbit(ref.elevation + view.d_elevation, view.d_azimuth,
+                                  cfg.radius + view.d_radius, width=s2.render_res, fovy=cfg.fovy)
+            ssaa = float(np.clip(rng.uniform(0, 2.0), s2.ssaa_min, s2.ssaa_max))
+            image, _, _ = render_supersampled(mesh, camera, s2.render_res, ssaa, albedo, offsets,
+                                              s2.backend, white)
+            image = image.permute(2, 0, 1)[None]
+            strength = s2.strength_start + step_ratio * (s2.strength_end - s2.strength_start)
+            reuse = (guidance.denoiser.trajectory(cfg.hash3d.trajectory_interval) if trajectory
+                     else contextlib.nullcontext())
+            with reuse:
+                refined = guidance.refine(image.detach(), [view.d_elevation], [view.d_azimuth],
+                                          [view.d_radius], strength=strength, steps=s2.ddim_steps)
+            refined = F.interpolate(refined.float(), image.shape[-2:], mode="bilinear",
+                                    align_corners=False)
+            loss = loss + cfg.guidance.lambda_zero123 * F.mse_loss(image, refined)
+
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = float(loss.detach())
+        if progress:
+            postfix = {"loss": f"{loss_value:.4g}"}
+            if use_guidance and guidance.denoiser.cache is not None:
+                postfix["hit"] = f"{meter.hit_rate():.0%}"
+            bar.set_postfix(postfix)
+    bar.close()
+
+    with torch.no_grad():
+        refined_mesh = Mesh(
+            v=(mesh.v + offsets).detach() if offsets is not None else mesh.v,
+            f=mesh.f, vn=mesh.vn, vt=mesh.vt, ft=mesh.ft, albedo=torch.sigmoid(raw_albedo).detach(),
+        )
+        if offsets is not None:
+            refined_mesh = refined_mesh.compute_normals()
+        out = rasterize_mesh(refined_mesh, ref.camera, background=white, backend=s2.backend)
+    report = {"iters": s2.iters, "seconds": round(time.perf_counter() - start, 3),
+              "final_loss": loss_value,
+              "ref_psnr": round(psnr(out.rgb, ref.rgb), 3),
+              "ref_mask_iou": round(mask_iou(out.alpha, ref.mask), 4)}
+    report.update(meter.report())
+    return Stage2Result(mesh=refined_mesh, report=report)

@@ -1,0 +1,69 @@
+"""Novel-view sampling and per-stage guidance accounting shared by both stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class NovelView:
+    """A view relative to the reference camera, as Zero-1-to-3 is conditioned on it."""
+
+    d_elevation: float
+    d_azimuth: float
+    d_radius: float = 0.0
+
+
+def elevation_range(elevation: float, min_ver: float, max_ver: float) -> tuple[float, float]:
+    """DreamGaussian's delta-elevation range, kept inside +-80 degrees of absolute elevation."""
+    low = max(min(min_ver, min_ver - elevation), -80.0 - elevation)
+    high = min(max(max_ver, max_ver - elevation), 80.0 - elevation)
+    return low, high
+
+
+def sample_novel_view(rng: np.random.Generator, elevation: float, min_ver: float,
+                      max_ver: float) -> NovelView:
+    """Delta elevation uniform in the kept range, delta azimuth uniform in [-180, 180)."""
+    low, high = elevation_range(elevation, min_ver, max_ver)
+    return NovelView(float(rng.uniform(low, high)), float(rng.uniform(-180.0, 180.0)), 0.0)
+
+
+class GuidanceMeter:
+    """Counts a stage's UNet calls and cache activity as the difference of two snapshots."""
+
+    def __init__(self, guidance) -> None:
+        self.guidance = guidance
+        self.start = self._snapshot()
+
+    def _snapshot(self) -> dict:
+        if self.guidance is None:
+            return {"full_calls": 0, "shallow_calls": 0, "attempts": 0, "hits": 0, "misses": 0,
+                    "inserts": 0, "evictions": 0}
+        denoiser = self.guidance.denoiser
+        snap = {"full_calls": denoiser.stats.full_calls, "shallow_calls": denoiser.stats.shallow_calls}
+        cache = denoiser.cache
+        for key in ("attempts", "hits", "misses", "inserts", "evictions"):
+            snap[key] = getattr(cache.stats, key) if cache is not None else 0
+        return snap
+
+    def hit_rate(self) -> float:
+        now = self._snapshot()
+        calls = (now["full_calls"] - self.start["full_calls"]) + (now["shallow_calls"] - self.start["shallow_calls"])
+        return (now["shallow_calls"] - self.start["shallow_calls"]) / calls if calls else 0.0
+
+    def report(self) -> dict:
+        now = self._snapshot()
+        delta = {k: now[k] - self.start[k] for k in now}
+        cache = self.guidance.denoiser.cache if self.guidance is not None else None
+        return {
+            "unet": {"full_calls": delta["full_calls"], "shallow_calls": delta["shallow_calls"]},
+            "cache": {
+                "attempts": delta["attempts"], "hits": delta["hits"], "misses": delta["misses"],
+                "inserts": delta["inserts"], "evictions": delta["evictions"],
+                "entries": cache.stats.entries if cache is not None else 0,
+                "bytes": cache.stats.bytes if cache is not None else 0,
+                "hits_by_grid": list(cache.stats.hits_by_grid) if cache is not None else [],
+            },
+        }

@@ -1,0 +1,8 @@
+"""Entry point: ``python main.py --image cat.png --hash3d`` (see ``--help``)."""
+
+import sys
+
+from hash3d_dg.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

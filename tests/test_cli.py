@@ -1,0 +1,157 @@
+"""The command line as a user meets it: the smoke run end to end, and every kind of bad input
+ending with exit status 2, one line on stderr, no traceback and nothing half-written."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trimesh
+from PIL import Image
+
+from hash3d_dg.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
+
+
+def sample_image() -> Path:
+    images = sorted((ROOT / "data").glob("*.png"))
+    assert images, "data/ holds the project's sample inputs"
+    return images[0]
+
+
+def tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    env = dict(os.environ, HASH3D_DG_CACHE=str(out / "cache"), PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "main.py", "--image", str(sample_image()), "--config", SMOKE,
+                           "--output", str(out / "logs"), "--name", "sample", "--quiet"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return proc, out / "logs" / "sample"
+
+
+def test_smoke_run_writes_every_output(smoke_run):
+    proc, folder = smoke_run
+    assert proc.returncode == 0, proc.stderr
+    for name in ("sample.glb", "sample.obj", "sample.mtl", "sample_gaussians.ply", "sample_rgba.png",
+                 "sample_views.png", "sample_report.json"):
+        assert (folder / name).is_file(), name
+    assert (folder / "sample_turntable.mp4").is_file() or (folder / "sample_turntable.gif").is_file()
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")], "staging left behind"
+    assert "hash3d" in proc.stdout and "device" in proc.stdout
+
+
+def test_smoke_glb_loads_with_its_texture(smoke_run):
+    _, folder = smoke_run
+    scene = trimesh.load(folder / "sample.glb")
+    mesh = next(iter(scene.geometry.values())) if isinstance(scene, trimesh.Scene) else scene
+    assert len(mesh.faces) > 0
+    texture = mesh.visual.material.baseColorTexture
+    assert texture is not None and min(texture.size) >= 8
+    assert mesh.visual.uv is not None and len(mesh.visual.uv) == len(mesh.vertices)
+
+
+def test_smoke_report_holds_the_documented_fields(smoke_run):
+    _, folder = smoke_run
+    report = json.loads((folder / "sample_report.json").read_text())
+    for key in ("config", "device", "dtype", "backends", "model", "hash3d", "outputs", "total_seconds"):
+        assert key in report, key
+    assert report["hash3d"]["mode"] == "paper"
+    for stage in ("stage1", "stage2"):
+        section = report[stage]
+        for key in ("iters", "seconds", "ref_psnr", "ref_mask_iou"):
+            assert key in section, (stage, key)
+        assert set(section["unet"]) >= {"full_calls", "shallow_calls"}
+        assert set(section["cache"]) >= {"attempts", "hits", "inserts", "bytes"}
+        assert section["unet"]["shallow_calls"] == section["cache"]["hits"]
+        assert section["unet"]["full_calls"] > 0
+    for path in report["outputs"].values():
+        assert Path(path).is_file(), path
+
+
+def test_help_documents_options_with_defaults(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--config", "--output", "--name", "--elevation", "--seed", "--device", "--model",
+                   "--iters", "--iters-refine", "--hash3d", "--no-hash3d", "--hash3d-mode", "--eta",
+                   "--stage", "--backend-gaussian", "--backend-mesh", "default", "stage1.iters="):
+        assert option in text, option
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _png(path: Path, array: np.ndarray) -> Path:
+    Image.fromarray(array).save(path)
+    return path
+
+
+def _bad_inputs(tmp: Path) -> dict:
+    good = sample_image()
+    empty_dir = tmp / "empty"
+    empty_dir.mkdir()
+    not_image = tmp / "notes.png"
+    not_image.write_text("this is not an image\n")
+    truncated = tmp / "truncated.png"
+    data = good.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    tiny = _png(tmp / "tiny.png", np.zeros((1, 1, 4), np.uint8))
+    transparent = _png(tmp / "clear.png", np.zeros((64, 64, 4), np.uint8))
+    return {
+        "missing file": ["--image", str(tmp / "nope.png")],
+        "directory without images": ["--image", str(empty_dir)],
+        "not an image": ["--image", str(not_image)],
+        "truncated image": ["--image", str(truncated)],
+        "1x1 image": ["--image", str(tiny)],
+        "all-transparent alpha": ["--image", str(transparent)],
+        "unknown config key": ["--image", str(good), "stage1.bogus=3"],
+        "unreachable model": ["--image", str(good), "--model", "no-such-user/no-such-zero123"],
+        "missing local model dir": ["--image", str(good), "--model", str(tmp / "no_model_here")],
+    }
+
+
+@pytest.mark.parametrize("case", ["missing file", "directory without images", "not an image",
+                                  "truncated image", "1x1 image", "all-transparent alpha",
+                                  "unknown config key", "unreachable model", "missing local model dir"])
+def test_bad_input_exits_2_with_one_line(case, tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HASH3D_DG_CACHE", str(tmp_path / "cache"))
+    args = _bad_inputs(tmp_path)[case]
+    out = tmp_path / "logs"
+    earlier = out / "sample"
+    earlier.mkdir(parents=True)
+    (earlier / "sample.glb").write_bytes(b"an earlier result")
+    before = tree(out)
+    code = main(args + ["--config", SMOKE, "--output", str(out), "--name", "sample", "--quiet"])
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and lines[0].startswith("error: ")
+    assert tree(out) == before, "bad input must leave the output folder as it was"
+
+
+def test_folder_run_continues_past_a_bad_image(tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("HASH3D_DG_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    (folder / "a_good.png").write_bytes(sample_image().read_bytes())
+    (folder / "b_bad.png").write_text("not an image")
+    out = tmp_path / "logs"
+    code = main(["--image", str(folder), "--config", SMOKE, "--output", str(out), "--quiet",
+                 "stage1.iters=1", "stage2.iters=1", "output.save_video=false"])
+    captured = capfd.readouterr()
+    assert code == 2
+    assert (out / "a_good" / "a_good.glb").is_file()
+    assert not (out / "b_bad").exists()
+    assert "1 succeeded, 1 failed" in captured.out
