@@ -8,8 +8,6 @@ import time
 import torch
 
 from hash3d_dg.config import TINY_MODEL, RunConfig, build_config
-from hash3d_dg.mesh import Mesh
-from hash3d_dg.stages import ReferenceView, run_stage1, run_stage2
 
 UNET_SIZES = {
     # block_out_channels, layers_per_block, attention_head_dim, cross_attention_dim
@@ -21,17 +19,21 @@ UNET_SIZES = {
 }
 
 
-def sample_reference(size: int, cfg: RunConfig, device) -> ReferenceView:
+def sample_reference(size: int, cfg: RunConfig, device):
+    """The 'ball' sample as a ReferenceView of ``size`` pixels."""
     from hash3d_dg.samples import render_sample
+    from hash3d_dg.stages import ReferenceView
 
     return ReferenceView.from_rgba(render_sample("ball", size), cfg.elevation, cfg.radius, cfg.fovy,
                                    size, device)
 
 
-def standin_mesh(texture_size: int = 64, subdivisions: int = 3, device="cpu") -> Mesh:
+def standin_mesh(texture_size: int = 64, subdivisions: int = 3, device="cpu"):
     """A UV-unwrapped icosphere of radius 0.5 with a grey albedo: stage 2's call counts and
     per-iteration cost do not depend on which mesh it refines."""
     import trimesh
+
+    from hash3d_dg.mesh import Mesh
 
     sphere = trimesh.creation.icosphere(subdivisions=subdivisions, radius=0.5)
     mesh = Mesh(v=torch.tensor(sphere.vertices, dtype=torch.float32),
@@ -93,8 +95,10 @@ def bench_config(mode: str, iters: int, iters_refine: int, size: int, image_size
     return build_config(values)
 
 
-def run_stages(cfg: RunConfig, guidance, ref: ReferenceView, mesh: Mesh) -> dict:
+def run_stages(cfg: RunConfig, guidance, ref, mesh) -> dict:
     """Stage 1 then stage 2 (on ``mesh``) with the real loops; returns both reports."""
+    from hash3d_dg.stages import run_stage1, run_stage2
+
     start = time.perf_counter()
     s1 = run_stage1(ref, cfg, guidance, progress=False)
     if guidance.denoiser.cache is not None:

@@ -12,7 +12,6 @@ import torch
 
 from hash3d_dg.bench.harness import (bench_config, describe_machine, run_stages, sample_reference,
                                      sized_guidance, standin_mesh)
-from hash3d_dg.pipeline import RunContext
 
 MODES = ("off", "paper", "official")
 
@@ -27,6 +26,8 @@ def speed_report(iters: int = 40, iters_refine: int = 8, size: int = 128, unet: 
     vae = vae or ("full" if on_cuda else "tiny")
     dtype = torch.float16 if on_cuda else torch.float32
     image_size = 256 if vae == "full" else 64
+    from hash3d_dg.pipeline import RunContext
+
     results = {}
     for mode in modes:
         cfg = bench_config(mode, iters, iters_refine, size=size, image_size=image_size, seed=seed,

@@ -1,0 +1,346 @@
+"""The Hash3D feature table: grid-hashed buckets with per-cell queues, adaptive grid choice,
+Eq. 6 blending and a global memory budget.
+
+Structure (one ``GridTable`` per candidate grid):
+
+    bucket index (Eq. 5)  ->  {cell (i, j, k, l)  ->  CellQueue (<= Q entries, running similarity)}
+
+A bucket chains every cell that hashes to it (separate chaining), but a lookup only ever sees the
+queue of the query's own cell, so cells whose indices collide modulo the table size are never
+blended together. An insert goes into every grid's table (the same ``CacheEntry`` object
+referenced, never copied); its bytes are counted once. An entry leaves the cache when no grid
+references it any more (each grid evicts the oldest of a full cell queue), or, past the memory
+budget, when it is the globally oldest entry (removed from every grid at once).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import OrderedDict, deque
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from hash3d_dg.cache.blend import blend_features, cosine
+from hash3d_dg.cache.config import Hash3DConfig
+from hash3d_dg.cache.grid import CacheKey, Cell, GridSpec, bucket_index
+
+log = logging.getLogger(__name__)
+
+_STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(eq=False)
+class CacheEntry:
+    """One stored computation.
+
+    Attributes:
+        seq: insertion number (global age: smaller is older).
+        key: camera + timestep it was computed at.
+        query: ``[*S]`` what retrieval distances compare (e.g. the noisy latent).
+        feature: ``[*F]`` the cached deep feature.
+        nbytes: bytes of ``query`` + ``feature``.
+        grids: indices of the grids whose tables currently reference this entry.
+    """
+
+    seq: int
+    key: CacheKey
+    query: torch.Tensor
+    feature: torch.Tensor
+    nbytes: int
+    grids: set[int] = field(default_factory=set)
+
+
+@dataclass(eq=False)
+class CellQueue:
+    """The entries of one grid cell, oldest first, and the cell's running feature similarity.
+
+    ``similarity`` is None until an insert found entries to compare with; afterwards it follows
+    ``s <- gamma*s + (1-gamma)*mean_i cos(v_new, v_i)`` (the first measurement initialises it,
+    so it is not biased toward an arbitrary start value).
+    """
+
+    entries: deque = field(default_factory=deque)
+    similarity: float | None = None
+
+    def update_similarity(self, mean_cos: float, gamma: float) -> None:
+        self.similarity = mean_cos if self.similarity is None else gamma * self.similarity + (1 - gamma) * mean_cos
+
+
+class GridTable:
+    """One grid's hash table: ``bucket -> {cell -> CellQueue}``, with buckets stored sparsely."""
+
+    def __init__(self, spec: GridSpec, table_size: int, primes: list[int], queue_size: int):
+        self.spec = spec
+        self.table_size = table_size
+        self.primes = list(primes)
+        self.queue_size = queue_size
+        self.buckets: dict[int, dict[Cell, CellQueue]] = {}
+
+    def locate(self, key: CacheKey) -> tuple[int, Cell]:
+        """``(bucket index, cell)`` of ``key``."""
+        cell = self.spec.cell(key)
+        return bucket_index(cell, self.primes, self.table_size), cell
+
+    def queue(self, key: CacheKey) -> CellQueue | None:
+        """The queue of ``key``'s own cell, or None when that cell holds nothing."""
+        idx, cell = self.locate(key)
+        bucket = self.buckets.get(idx)
+        return None if bucket is None else bucket.get(cell)
+
+    def queue_for_insert(self, key: CacheKey) -> CellQueue:
+        idx, cell = self.locate(key)
+        return self.buckets.setdefault(idx, {}).setdefault(cell, CellQueue())
+
+    def push(self, queue: CellQueue, entry: CacheEntry) -> list[CacheEntry]:
+        """Append ``entry`` to ``queue``; return the entries evicted (oldest first) to keep Q."""
+        queue.entries.append(entry)
+        evicted = []
+        while len(queue.entries) > self.queue_size:
+            evicted.append(queue.entries.popleft())
+        return evicted
+
+    def remove(self, entry: CacheEntry) -> None:
+        """Drop ``entry`` from its cell's queue (and the queue/bucket when they become empty)."""
+        idx, cell = self.locate(entry.key)
+        bucket = self.buckets.get(idx)
+        queue = None if bucket is None else bucket.get(cell)
+        if queue is None:
+            return
+        try:
+            queue.entries.remove(entry)
+        except ValueError:
+            return
+        if not queue.entries:
+            del bucket[cell]
+            if not bucket:
+                del self.buckets[idx]
+
+    def cells(self) -> list[tuple[int, Cell, CellQueue]]:
+        """Every ``(bucket index, cell, queue)`` held."""
+        return [(idx, cell, q) for idx, bucket in self.buckets.items() for cell, q in bucket.items()]
+
+    def clear(self) -> None:
+        self.buckets.clear()
+
+
+@dataclass
+class CacheStats:
+    """Counters of one ``Hash3DCache``.
+
+    Invariants: ``attempts == hits + misses``; ``sum(hits_by_grid) == hits``;
+    ``entries == inserts - evictions``; ``bytes <= memory budget``.
+
+    Attributes:
+        attempts: retrievals tried.
+        hits: retrievals served from the table.
+        misses: retrievals that found the query's cell empty in every grid.
+        inserts: entries stored.
+        evictions: entries that left the cache (queue overflow in every grid, the memory budget,
+            or ``clear(reset_stats=False)``).
+        budget_evictions: the part of ``evictions`` forced by the memory budget.
+        rejected: inserts refused because one entry alone exceeds the budget.
+        entries: entries currently stored.
+        bytes: bytes of the stored tensors now (each entry once).
+        hits_by_grid: hits served by each grid.
+    """
+
+    attempts: int = 0
+    hits: int = 0
+    misses: int = 0
+    inserts: int = 0
+    evictions: int = 0
+    budget_evictions: int = 0
+    rejected: int = 0
+    entries: int = 0
+    bytes: int = 0
+    hits_by_grid: list[int] = field(default_factory=list)
+
+    @property
+    def hit_rate(self) -> float:
+        """Hits per attempt (0 without attempts)."""
+        return self.hits / self.attempts if self.attempts else 0.0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["hit_rate"] = self.hit_rate
+        return d
+
+
+def _stored_copy(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A detached, contiguous copy that owns its storage (so a slice of a batch does not keep the
+    whole batch alive and later in-place edits of ``t`` cannot change the cache)."""
+    t = t.detach()
+    return t.to(dtype=dtype or t.dtype, copy=True, memory_format=torch.contiguous_format)
+
+
+class Hash3DCache:
+    """The Hash3D feature cache (paper Section 4; Eq. 5-8), model-agnostic.
+
+    Args:
+        cfg: settings; ``cfg.mode`` must not be ``"off"`` (use ``make_cache``, which returns None).
+        seed: seed of the generator behind ``should_retrieve``.
+    """
+
+    def __init__(self, cfg: Hash3DConfig, seed: int = 0):
+        cfg.validate()
+        if not cfg.enabled:
+            raise ValueError("Hash3D mode 'off' has no cache: use make_cache(cfg), which returns None for it")
+        self.cfg = cfg
+        self.adaptive = bool(cfg.adaptive)
+        self.tables = [GridTable(GridSpec.from_list(g), cfg.table_size, cfg.primes, cfg.queue_size)
+                       for g in cfg.active_grids()]
+        self._store_dtype = _STORE_DTYPES.get(cfg.store_dtype)
+        self._rng = random.Random(seed)
+        self._registry: OrderedDict[int, CacheEntry] = OrderedDict()  # oldest first
+        self._seq = 0
+        self.stats = CacheStats(hits_by_grid=[0] * len(self.tables))
+
+    # -- the retrieve-or-update decision ------------------------------------------------------
+    def should_retrieve(self) -> bool:
+        """Bernoulli(eta) from the cache's own seeded generator."""
+        return self._rng.random() < self.cfg.eta
+
+    # -- lookups -------------------------------------------------------------------------------
+    @staticmethod
+    def _matching(queue: CellQueue, query: torch.Tensor) -> list[CacheEntry]:
+        return [e for e in queue.entries if e.query.shape == query.shape]
+
+    def choose_grid(self, key: CacheKey, query: torch.Tensor) -> tuple[int, list[CacheEntry]] | None:
+        """The grid that would serve ``(key, query)`` and its usable entries, or None.
+
+        Among grids whose cell of ``key`` holds entries with ``query``'s shape, the adaptive cache
+        takes the one with the highest running similarity (a cell never measured ranks below any
+        measured one; ties go to the earlier, finer grid). The non-adaptive cache has one grid.
+        """
+        best: tuple[tuple, int, list[CacheEntry]] | None = None
+        for m, table in enumerate(self.tables):
+            queue = table.queue(key)
+            if queue is None:
+                continue
+            entries = self._matching(queue, query)
+            if not entries:
+                continue
+            s = queue.similarity
+            rank = (s is not None, s if s is not None else 0.0, -m)
+            if best is None or rank > best[0]:
+                best = (rank, m, entries)
+        return None if best is None else (best[1], best[2])
+
+    def retrieve(self, key: CacheKey, query: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+        """Eq. 6 blend of the entries in ``key``'s cell: ``(feature, grid index)`` or None (miss).
+
+        Args:
+            key: camera + timestep of the query.
+            query: ``[*S]`` compared with the stored queries (same shape as inserted).
+
+        Returns:
+            The blended feature ``[*F]`` (in the stored dtype, on the stored device) and the index
+            of the grid that served it; None when the cell is empty in every grid.
+        """
+        self.stats.attempts += 1
+        chosen = self.choose_grid(key, query)
+        if chosen is None:
+            self.stats.misses += 1
+            return None
+        m, entries = chosen
+        feats = [e.feature for e in entries]
+        if any(f.shape != feats[0].shape for f in feats):
+            raise ValueError("entries of one cell have features of different shapes: "
+                             "clear the cache when the model or the batch layout changes")
+        queries = torch.stack([e.query for e in entries])
+        blended = blend_features(query, queries, torch.stack(feats), self.cfg.distance)
+        self.stats.hits += 1
+        self.stats.hits_by_grid[m] += 1
+        return blended.to(feats[0].dtype), m
+
+    def similarity(self, key: CacheKey) -> list[float | None]:
+        """Running similarity of ``key``'s cell in each grid (None: empty or never measured)."""
+        out: list[float | None] = []
+        for table in self.tables:
+            q = table.queue(key)
+            out.append(None if q is None else q.similarity)
+        return out
+
+    # -- updates -------------------------------------------------------------------------------
+    def insert(self, key: CacheKey, query: torch.Tensor, feature: torch.Tensor) -> None:
+        """Store ``(key, query, feature)`` in every grid (one shared entry, detached copies).
+
+        Args:
+            key: camera + timestep it was computed at.
+            query: ``[*S]``.
+            feature: ``[*F]``.
+        """
+        q = _stored_copy(query, None)
+        v = _stored_copy(feature, self._store_dtype)
+        nbytes = q.numel() * q.element_size() + v.numel() * v.element_size()
+        if nbytes > self.cfg.memory_budget_bytes:
+            self.stats.rejected += 1
+            log.warning("Hash3D entry of %d bytes exceeds the memory budget of %d bytes; not stored",
+                        nbytes, self.cfg.memory_budget_bytes)
+            return
+        entry = CacheEntry(seq=self._seq, key=key, query=q, feature=v, nbytes=nbytes)
+        self._seq += 1
+        self._registry[entry.seq] = entry
+        self.stats.inserts += 1
+        self.stats.bytes += nbytes
+
+        cos_memo: dict[int, float] = {}
+        for m, table in enumerate(self.tables):
+            queue = table.queue_for_insert(key)
+            if self.adaptive:
+                older = [e for e in queue.entries if e.feature.shape == v.shape]
+                if older:
+                    sims = []
+                    for e in older:
+                        if e.seq not in cos_memo:
+                            cos_memo[e.seq] = cosine(v, e.feature)
+                        sims.append(cos_memo[e.seq])
+                    queue.update_similarity(sum(sims) / len(sims), self.cfg.gamma)
+            entry.grids.add(m)
+            for old in table.push(queue, entry):
+                old.grids.discard(m)
+                if not old.grids:
+                    self._drop(old)
+        while self.stats.bytes > self.cfg.memory_budget_bytes:
+            oldest = next(iter(self._registry.values()))
+            self._evict(oldest)
+            self.stats.budget_evictions += 1
+        self.stats.entries = len(self._registry)
+
+    def _drop(self, entry: CacheEntry) -> None:
+        """Forget an entry no grid references any more."""
+        del self._registry[entry.seq]
+        self.stats.bytes -= entry.nbytes
+        self.stats.evictions += 1
+
+    def _evict(self, entry: CacheEntry) -> None:
+        """Remove an entry from every grid that references it, then forget it."""
+        for m in sorted(entry.grids):
+            self.tables[m].remove(entry)
+        entry.grids.clear()
+        self._drop(entry)
+
+    def entries(self) -> list[CacheEntry]:
+        """All stored entries, oldest first."""
+        return list(self._registry.values())
+
+    def clear(self, reset_stats: bool = True) -> None:
+        """Drop every entry. With ``reset_stats=False`` the counters continue (the dropped entries
+        count as evictions)."""
+        dropped = len(self._registry)
+        for table in self.tables:
+            table.clear()
+        self._registry.clear()
+        if reset_stats:
+            self.stats = CacheStats(hits_by_grid=[0] * len(self.tables))
+        else:
+            self.stats.evictions += dropped
+            self.stats.entries = 0
+            self.stats.bytes = 0
+
+
+def make_cache(cfg: Hash3DConfig, seed: int = 0) -> Hash3DCache | None:
+    """A ``Hash3DCache`` for ``cfg``, or None when ``cfg.mode == "off"``."""
+    return Hash3DCache(cfg, seed) if cfg.enabled else None

@@ -1,0 +1,335 @@
+"""Zero-1-to-3 guidance: reference conditioning, camera embeddings, SDS and multi-step refine.
+
+Conventions (design.md section 4, as DreamGaussian uses Zero-1-to-3):
+
+* Reference: the image at ``image_size`` -> CLIP processor -> ``image_embeds`` [1, 1, D]; its
+  VAE latent is taken *unscaled* (``latent_dist.mode()``, not multiplied by the scaling factor).
+* Camera embedding T [B, 4]: stable: [rad(d_el), sin(rad(d_az)), cos(rad(d_az)),
+  rad(90 + input_elevation)]; xl: [rad(d_el), sin(rad(d_az)), cos(rad(d_az)), d_radius].
+* UNet input: concat(noisy latent, reference latent) -> 8 channels; context:
+  ``clip_camera_projection(concat(image_embeds, T))``. The classifier-free-guidance batch is
+  ordered [cond views 0..B-1; uncond views 0..B-1]; the uncond rows use zeros for both the
+  projected context and the reference latent. eps = uncond + s * (cond - uncond).
+* SDS: t = round((1 - step_ratio) * 1000) clipped to [20, 980]; w(t) = 1 - alpha_bar_t;
+  grad = w * (eps - noise); loss = 0.5 * sum((latents - stopgrad(latents - grad))^2).
+
+Every UNet call goes through a ``CachedDenoiser`` (Hash3D), keyed per view by the relative
+camera (d_azimuth, d_elevation, d_radius) and the integer timestep, with the noisy latents as
+the retrieval query.
+
+Randomness (VAE posterior samples, timesteps, noise) comes from one ``torch.Generator`` owned by
+the guidance and seeded at construction, so runs are reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler
+from PIL import Image
+
+from hash3d_dg.cache import CachedDenoiser, CacheKey, UNetSplit
+from hash3d_dg.guidance.loading import Zero123Components
+
+logger = logging.getLogger(__name__)
+
+FloatSeq = Sequence[float] | torch.Tensor | np.ndarray
+
+
+def _as_float64(values: FloatSeq, name: str, batch: int | None = None) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        out = values.detach().to("cpu", torch.float64).reshape(-1)
+    else:
+        out = torch.as_tensor(np.asarray(values, dtype=np.float64).reshape(-1))
+    if batch is not None and out.numel() != batch:
+        raise ValueError(f"{name} has {out.numel()} values for a batch of {batch} views")
+    return out
+
+
+class Zero123Guidance:
+    """Zero-1-to-3 score distillation and img2img refine through a (cached) denoiser.
+
+    Args:
+        components: the loaded checkpoint (``load_zero123``).
+        denoiser: the UNet wrapper every UNet call goes through; ``None`` builds an uncached
+            ``CachedDenoiser(UNetSplit(components.unet), cache=None)``.
+        guidance_scale: classifier-free guidance scale s (5 for stable-zero123).
+        image_size: resolution the images are resized to before the VAE (256; latent = /8).
+        min_step_ratio, max_step_ratio: timestep range as fractions of the training steps
+            (0.02, 0.98 -> [20, 980]).
+        seed: seed of the guidance's generator.
+    """
+
+    def __init__(
+        self,
+        components: Zero123Components,
+        denoiser: CachedDenoiser | None = None,
+        guidance_scale: float = 5.0,
+        image_size: int = 256,
+        min_step_ratio: float = 0.02,
+        max_step_ratio: float = 0.98,
+        seed: int = 0,
+    ) -> None:
+        self.components = components
+        self.denoiser = denoiser if denoiser is not None else CachedDenoiser(UNetSplit(components.unet), cache=None)
+        self.guidance_scale = float(guidance_scale)
+        self.image_size = int(image_size)
+        self.device = components.device
+        self.dtype = components.dtype
+        # SDS uses its own copy of the scheduler (only for add_noise / alphas); refine another.
+        self.scheduler = DDIMScheduler.from_config(components.scheduler.config)
+        self.refine_scheduler = DDIMScheduler.from_config(components.scheduler.config)
+        self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
+        self.min_step = int(self.num_train_timesteps * min_step_ratio)
+        self.max_step = int(self.num_train_timesteps * max_step_ratio)
+        if not 0 <= self.min_step <= self.max_step < self.num_train_timesteps:
+            raise ValueError(f"bad timestep range [{self.min_step}, {self.max_step}]")
+        self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self.scaling_factor = float(components.vae.config.scaling_factor)
+        self.seed = int(seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        self.input_elevation = 0.0
+        self.ref_embeddings: torch.Tensor | None = None  # [1, 1, D] CLIP image_embeds
+        self.ref_latents: torch.Tensor | None = None  # [1, 4, h, w] unscaled VAE latent
+
+    @property
+    def family(self) -> str:
+        return self.components.family
+
+    @property
+    def stats(self) -> dict:
+        """UNet calls made through the denoiser: ``{"unet_full_calls", "unet_shallow_calls"}``."""
+        s = self.denoiser.stats
+        return {"unet_full_calls": int(s.full_calls), "unet_shallow_calls": int(s.shallow_calls)}
+
+    # ------------------------------------------------------------------ images and latents
+
+    def _resize(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, 3, image_size, image_size] float32 (bilinear)."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
+        images = images.to(self.device, torch.float32)
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            images = F.interpolate(images, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return images
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Differentiable VAE encoding for SDS / refine.
+
+        Args:
+            images: [B, 3, H, W] in [0, 1] (any H, W; resized to ``image_size``).
+        Returns:
+            latents [B, 4, image_size/8, image_size/8] in the model dtype, a posterior sample
+            multiplied by the VAE scaling factor; gradients flow back to ``images``.
+        """
+        x = self._resize(images) * 2.0 - 1.0
+        posterior = self.components.vae.encode(x.to(self.dtype)).latent_dist
+        return posterior.sample(generator=self.generator) * self.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents [B, 4, h, w] -> images [B, 3, 8h, 8w] float32 in [0, 1]."""
+        x = self.components.vae.decode((latents / self.scaling_factor).to(self.dtype)).sample
+        return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    # ------------------------------------------------------------------ conditioning
+
+    @torch.no_grad()
+    def set_reference(self, image: torch.Tensor, elevation: float) -> None:
+        """Condition on the reference view.
+
+        Args:
+            image: [1, 3, H, W] in [0, 1], white background.
+            elevation: the reference camera's elevation in degrees (orbit convention); used by
+                the stable family's camera embedding.
+        """
+        if image.ndim != 4 or image.shape[0] != 1:
+            raise ValueError(f"expected a reference image [1, 3, H, W], got {tuple(image.shape)}")
+        x = self._resize(image).clamp(0.0, 1.0)
+        pixels = (x[0].permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
+        clip_in = self.components.feature_extractor(images=[Image.fromarray(pixels)], return_tensors="pt")
+        pixel_values = clip_in["pixel_values"].to(self.device, self.dtype)
+        embeds = self.components.image_encoder(pixel_values=pixel_values).image_embeds  # [1, D]
+        self.ref_embeddings = embeds[:, None, :]
+        self.ref_latents = self.components.vae.encode((x * 2.0 - 1.0).to(self.dtype)).latent_dist.mode()
+        self.input_elevation = float(elevation)
+
+    def camera_embedding(self, d_elevation: FloatSeq, d_azimuth: FloatSeq, d_radius: FloatSeq) -> torch.Tensor:
+        """Zero-1-to-3 camera embedding T [B, 4] (float32, on the guidance device).
+
+        stable: [rad(d_el), sin(rad(d_az)), cos(rad(d_az)), rad(90 + input_elevation)];
+        xl: [rad(d_el), sin(rad(d_az)), cos(rad(d_az)), d_radius].
+        """
+        el = _as_float64(d_elevation, "d_elevation")
+        az = _as_float64(d_azimuth, "d_azimuth", el.numel())
+        radius = _as_float64(d_radius, "d_radius", el.numel())
+        az_rad = torch.deg2rad(az)
+        if self.family == "stable":
+            last = torch.full_like(el, math.radians(90.0 + self.input_elevation))
+        else:
+            last = radius
+        return torch.stack([torch.deg2rad(el), torch.sin(az_rad), torch.cos(az_rad), last], dim=-1).to(
+            self.device, torch.float32
+        )
+
+    @torch.no_grad()
+    def conditioning(
+        self, d_elevation: FloatSeq, d_azimuth: FloatSeq, d_radius: FloatSeq
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CFG conditioning for B views, ordered [cond; uncond].
+
+        Returns:
+            context [2B, 1, D] (rows B.. are zeros) and image latents [2B, 4, h, w] (the unscaled
+            reference latent for rows ..B, zeros for rows B..), both in the model dtype.
+        """
+        if self.ref_embeddings is None or self.ref_latents is None:
+            raise RuntimeError("call set_reference(image, elevation) before using the guidance")
+        cam = self.camera_embedding(d_elevation, d_azimuth, d_radius)  # [B, 4]
+        batch = cam.shape[0]
+        embed = torch.cat([self.ref_embeddings.expand(batch, 1, -1), cam[:, None, :].to(self.dtype)], dim=-1)
+        cond = self.components.camera_projection(embed)  # [B, 1, D]
+        context = torch.cat([cond, torch.zeros_like(cond)], dim=0)
+        lat = self.ref_latents.expand(batch, -1, -1, -1)
+        image_latents = torch.cat([lat, torch.zeros_like(lat)], dim=0)
+        return context, image_latents
+
+    # ------------------------------------------------------------------ noise prediction
+
+    def timestep_for(self, step_ratio: float | None) -> int:
+        """SDS timestep: round((1 - step_ratio) * T) clipped to [min_step, max_step];
+        ``None`` -> uniform in [min_step, max_step] from the guidance's generator."""
+        if step_ratio is None:
+            t = torch.randint(self.min_step, self.max_step + 1, (1,), generator=self.generator, device=self.device)
+            return int(t.item())
+        t = round((1.0 - float(step_ratio)) * self.num_train_timesteps)
+        return int(min(max(t, self.min_step), self.max_step))
+
+    @torch.no_grad()
+    def predict_noise(
+        self,
+        noisy_latents: torch.Tensor,
+        timestep: int,
+        conditioning: tuple[torch.Tensor, torch.Tensor],
+        d_elevation: FloatSeq,
+        d_azimuth: FloatSeq,
+        d_radius: FloatSeq,
+    ) -> torch.Tensor:
+        """Classifier-free-guided noise prediction through the denoiser.
+
+        Args:
+            noisy_latents: [B, 4, h, w] (scaled latent space).
+            timestep: integer diffusion timestep shared by the batch.
+            conditioning: ``self.conditioning(...)`` for the same B views.
+            d_elevation, d_azimuth, d_radius: the B relative cameras (cache keys).
+        Returns:
+            eps_uncond + s * (eps_cond - eps_uncond), [B, 4, h, w] float32.
+        """
+        context, image_latents = conditioning
+        batch = noisy_latents.shape[0]
+        x = noisy_latents.to(self.dtype)
+        sample = torch.cat([torch.cat([x, x], dim=0), image_latents], dim=1)  # [2B, 8, h, w]
+        t_in = torch.full((2 * batch,), int(timestep), device=self.device, dtype=torch.long)
+        el = _as_float64(d_elevation, "d_elevation", batch).tolist()
+        az = _as_float64(d_azimuth, "d_azimuth", batch).tolist()
+        rad = _as_float64(d_radius, "d_radius", batch).tolist()
+        keys = [CacheKey(azimuth=a, elevation=e, radius=r, timestep=float(timestep)) for a, e, r in zip(az, el, rad)]
+        out = self.denoiser(sample, t_in, context, keys=keys, query=x).float()
+        eps_cond, eps_uncond = out.chunk(2, dim=0)
+        return eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
+
+    # ------------------------------------------------------------------ SDS
+
+    def sds(
+        self,
+        images: torch.Tensor,
+        d_elevation: FloatSeq,
+        d_azimuth: FloatSeq,
+        d_radius: FloatSeq,
+        step_ratio: float | None = None,
+    ) -> torch.Tensor:
+        """Score-distillation loss of rendered novel views.
+
+        Args:
+            images: [B, 3, H, W] in [0, 1] with grad (resized to ``image_size``).
+            d_elevation, d_azimuth, d_radius: B relative cameras (degrees, degrees, radius).
+            step_ratio: training progress in [0, 1] for the annealed timestep, or None (random).
+        Returns:
+            scalar float32 loss whose gradient w.r.t. the scaled latents is w(t)*(eps_cfg - noise).
+        """
+        latents = self.encode_images(images)
+        return self.sds_latents(latents, d_elevation, d_azimuth, d_radius, step_ratio=step_ratio)
+
+    def sds_latents(
+        self,
+        latents: torch.Tensor,
+        d_elevation: FloatSeq,
+        d_azimuth: FloatSeq,
+        d_radius: FloatSeq,
+        step_ratio: float | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """SDS loss on scaled latents [B, 4, h, w] (see ``sds``).
+
+        ``noise`` [B, 4, h, w] overrides the generator's draw (the timestep is drawn first when
+        ``step_ratio`` is None, then the noise).
+        """
+        batch = latents.shape[0]
+        t = self.timestep_for(step_ratio)
+        with torch.no_grad():
+            if noise is None:
+                noise = torch.randn(latents.shape, generator=self.generator, device=self.device, dtype=torch.float32)
+            noise = noise.to(self.device, torch.float32)
+            t_tensor = torch.full((batch,), t, device=self.device, dtype=torch.long)
+            noisy = self.scheduler.add_noise(latents.detach().float(), noise, t_tensor)
+            cond = self.conditioning(d_elevation, d_azimuth, d_radius)
+            if cond[0].shape[0] != 2 * batch:
+                raise ValueError(f"{cond[0].shape[0] // 2} cameras for {batch} images")
+            eps = self.predict_noise(noisy, t, cond, d_elevation, d_azimuth, d_radius)
+            w = 1.0 - self.alphas_cumprod[t]
+            grad = torch.nan_to_num(w * (eps - noise))
+            target = latents.detach().float() - grad
+        return 0.5 * F.mse_loss(latents.float(), target, reduction="sum")
+
+    # ------------------------------------------------------------------ refine
+
+    @torch.no_grad()
+    def refine(
+        self,
+        images: torch.Tensor,
+        d_elevation: FloatSeq,
+        d_azimuth: FloatSeq,
+        d_radius: FloatSeq,
+        strength: float = 0.8,
+        steps: int = 50,
+    ) -> torch.Tensor:
+        """Multi-step DDIM img2img of rendered views (DreamGaussian's stage-2 target).
+
+        ``steps`` DDIM timesteps; starts at index ``int(steps * strength)`` (so strength 0.8 with
+        50 steps runs the last 10 low-noise steps), adds noise at that timestep, then denoises
+        with classifier-free guidance through the denoiser.
+
+        Args:
+            images: [B, 3, H, W] in [0, 1].
+            strength: in [0, 1); larger means *less* noise added (DreamGaussian's convention).
+        Returns:
+            [B, 3, image_size, image_size] float32 in [0, 1].
+        """
+        if not 0.0 <= strength < 1.0:
+            raise ValueError(f"strength must be in [0, 1), got {strength}")
+        scheduler = self.refine_scheduler
+        scheduler.set_timesteps(int(steps), device=self.device)
+        start = int(steps * strength)
+        timesteps = scheduler.timesteps[start:]
+        latents = self.encode_images(images).float()
+        noise = torch.randn(latents.shape, generator=self.generator, device=self.device, dtype=torch.float32)
+        latents = scheduler.add_noise(latents, noise, timesteps[:1].expand(latents.shape[0]))
+        cond = self.conditioning(d_elevation, d_azimuth, d_radius)
+        for t in timesteps:
+            eps = self.predict_noise(latents, int(t), cond, d_elevation, d_azimuth, d_radius)
+            latents = scheduler.step(eps, int(t), latents).prev_sample.float()
+        return self.decode_latents(latents)
