@@ -1,0 +1,201 @@
+"""Mesh rendering front end: backend choice, shading shared by the backends, ``MeshRender``.
+
+Images are HWC with row 0 at the TOP of the image: a ``Camera.orbit(0, 0, 2)`` view shows +y up
+and +x to the right (neither flipped nor mirrored).
+
+Backends:
+
+* ``torch``: :mod:`hash3d_dg.mesh.rasterize_torch`, pure PyTorch on any device, memory bounded.
+* ``nvdiffrast``: :mod:`hash3d_dg.mesh.rasterize_nvdiffrast`, CUDA only, when importable.
+
+Both produce the visible triangle and perspective-correct barycentrics per pixel; the shading
+(uv / normal interpolation, bilinear texture lookup with ``grid_sample`` so gradients reach the
+texture, compositing over the background) is the same code for both.
+
+Antialiasing (``antialias=True``): with ``nvdiffrast`` the composited rgb and alpha go through
+``dr.antialias`` (analytic edge blend, gives silhouette gradients to vertex positions); with
+``torch`` rgb and alpha are rendered at 2x2 supersampling and box-filtered (smooth edges, but no
+silhouette gradients). The other outputs (depth, tri_id, bary, uv, normal) are never blended.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hash3d_dg.camera import Camera
+from hash3d_dg.mesh.mesh import Mesh, sample_texture, vertex_normals
+from hash3d_dg.mesh.rasterize_nvdiffrast import (antialias_nvdiffrast, nvdiffrast_available,
+                                                 rasterize_nvdiffrast)
+from hash3d_dg.mesh.rasterize_torch import rasterize_torch
+
+
+MESH_BACKENDS = ("torch", "nvdiffrast")
+
+
+@dataclass
+class MeshRender:
+    """One rendered view (row 0 = image top).
+
+    Attributes:
+        rgb: ``[H, W, 3]`` textured albedo composited over the background.
+        alpha: ``[H, W, 1]`` coverage (0/1, fractional at edges with antialias).
+        depth: ``[H, W, 1]`` camera-space distance along the view axis, 0 where empty.
+        tri_id: ``[H, W]`` int64 visible face index, -1 where empty.
+        bary: ``[H, W, 3]`` perspective-correct barycentrics of the visible face, 0 where empty.
+        uv: ``[H, W, 2]`` interpolated uv (mesh convention, v = 0 at the texture bottom), 0 empty.
+        normal: ``[H, W, 3]`` interpolated, renormalised world-space vertex normals, 0 empty.
+        backend: the backend that rendered it.
+    """
+
+    rgb: Tensor
+    alpha: Tensor
+    depth: Tensor
+    tri_id: Tensor
+    bary: Tensor
+    uv: Tensor
+    normal: Tensor
+    backend: str
+
+
+def available_mesh_backends(device) -> dict[str, bool]:
+    """``{backend name: usable on device}``."""
+    device = torch.device(device)
+    return {"torch": True,
+            "nvdiffrast": device.type == "cuda" and torch.cuda.is_available()
+            and nvdiffrast_available()}
+
+
+def resolve_mesh_backend(name: str, device) -> str:
+    """``auto`` -> ``nvdiffrast`` on CUDA when importable, else ``torch``; check explicit names."""
+    avail = available_mesh_backends(device)
+    if name == "auto":
+        return "nvdiffrast" if avail["nvdiffrast"] else "torch"
+    if name not in avail:
+        raise ValueError(f"unknown mesh backend {name!r}; choose one of auto, "
+                         + ", ".join(MESH_BACKENDS))
+    if not avail[name]:
+        raise ValueError(f"mesh backend {name!r} is unavailable on device {device} (it needs CUDA "
+                         f"and the nvdiffrast package); use 'torch' or 'auto'")
+    return name
+
+
+def _scatter(n_pix: int, idx: Tensor, values: Tensor) -> Tensor:
+    """Dense ``[n_pix, C]`` tensor with ``values [N, C]`` at rows ``idx`` and zeros elsewhere."""
+    out = values.new_zeros((n_pix,) + tuple(values.shape[1:]))
+    return out.index_put((idx,), values)
+
+
+def _shade(tri_id: Tensor, bary: Tensor, f: Tensor, vn: Tensor, vt: Tensor | None,
+           ft: Tensor | None, texture: Tensor | None) -> dict[str, Tensor]:
+    """Interpolate uv / normals and sample the texture at covered pixels.
+
+    Args:
+        tri_id: ``[H, W]``; bary: ``[H, W, 3]``; f/ft: ``[F, 3]``; vn: ``[V, 3]``; vt: ``[T, 2]``;
+        texture: ``[Th, Tw, 3]`` or None (untextured surfaces are white).
+
+    Returns dict of ``fg [H, W, 3]`` (surface colour, 0 where empty), ``alpha [H, W, 1]``,
+    ``uv [H, W, 2]``, ``normal [H, W, 3]``.
+    """
+    h, w = tri_id.shape
+    n_pix = h * w
+    flat = tri_id.reshape(-1)
+    idx = torch.nonzero(flat >= 0).squeeze(1)
+    tid = flat[idx]
+    b = bary.reshape(-1, 3)[idx]  # [N, 3]
+    dtype = bary.dtype
+    normal = (vn.to(dtype)[f[tid]] * b[..., None]).sum(dim=1)
+    normal = torch.nn.functional.normalize(normal, dim=-1)
+    if vt is not None and ft is not None:
+        uv = (vt.to(dtype)[ft[tid]] * b[..., None]).sum(dim=1)
+    else:
+        uv = b.new_zeros((idx.numel(), 2))
+    if texture is not None and vt is not None:
+        fg = sample_texture(texture.to(dtype), uv)
+    else:
+        fg = b.new_ones((idx.numel(), 3))
+    alpha = (flat >= 0).to(dtype).view(h, w, 1)
+    return {"fg": _scatter(n_pix, idx, fg).view(h, w, 3),
+            "uv": _scatter(n_pix, idx, uv).view(h, w, 2),
+            "normal": _scatter(n_pix, idx, normal).view(h, w, 3),
+            "alpha": alpha}
+
+
+def _background(background: Tensor | None, h: int, w: int, like: Tensor) -> Tensor:
+    """Background as ``[H, W, 3]`` or a broadcastable ``[3]`` (None -> black)."""
+    if background is None:
+        return like.new_zeros(3)
+    bg = background.to(device=like.device, dtype=like.dtype)
+    if bg.ndim == 1:
+        return bg
+    if bg.shape[:2] != (h, w):
+        raise ValueError(f"background {tuple(bg.shape)} does not match the image {h}x{w}")
+    return bg
+
+
+def rasterize_mesh(mesh: Mesh, camera: Camera, background: Tensor | None = None,
+                   backend: str = "auto", vertex_offsets: Tensor | None = None,
+                   albedo: Tensor | None = None, antialias: bool = False) -> MeshRender:
+    """Render ``mesh`` from ``camera`` (see the module docstring for conventions).
+
+    Args:
+        mesh: the mesh; its device sets where rendering happens.
+        camera: ``camera.mvp()`` maps world to OpenGL clip space; ``camera.width/height``.
+        background: ``[3]`` colour or ``[H, W, 3]`` image (None: black).
+        backend: ``auto``, ``torch`` or ``nvdiffrast``.
+        vertex_offsets: optional ``[V, 3]`` added to ``mesh.v`` (e.g. a trainable parameter);
+            gradients flow through the perspective-correct barycentrics. Vertex normals are then
+            recomputed from the displaced positions (differentiably).
+        albedo: optional ``[Th, Tw, 3]`` texture overriding ``mesh.albedo`` (e.g. trainable).
+        antialias: smooth silhouette edges of rgb/alpha (see module docstring).
+    """
+    device = mesh.v.device
+    name = resolve_mesh_backend(backend, device)
+    f = mesh.f
+    if vertex_offsets is not None:
+        v = mesh.v.to(vertex_offsets.dtype) + vertex_offsets
+        vn = vertex_normals(v, f)
+    else:
+        v = mesh.v
+        vn = mesh.vn if mesh.vn is not None else vertex_normals(mesh.v, f)
+    texture = albedo if albedo is not None else mesh.albedo
+    dtype = v.dtype if texture is None else torch.promote_types(v.dtype, texture.dtype)
+    v = v.to(dtype)
+    h, w = camera.height, camera.width
+    mvp = camera.mvp(device=device, dtype=dtype)
+
+    if name == "torch":
+        tri_id, bary, depth = rasterize_torch(v, f, mvp, w, h, near=camera.near)
+        sh = _shade(tri_id, bary, f, vn, mesh.vt, mesh.ft, texture)
+        bg = _background(background, h, w, bary)
+        alpha = sh["alpha"]
+        rgb = sh["fg"] * alpha + bg * (1.0 - alpha)
+        if antialias:
+            tri2, bary2, _ = rasterize_torch(v, f, mvp, 2 * w, 2 * h, near=camera.near)
+            sh2 = _shade(tri2, bary2, f, vn, mesh.vt, mesh.ft, texture)
+            bg2 = bg if bg.ndim == 1 else bg.repeat_interleave(2, 0).repeat_interleave(2, 1)
+            rgb2 = sh2["fg"] * sh2["alpha"] + bg2 * (1.0 - sh2["alpha"])
+            pooled = torch.nn.functional.avg_pool2d(
+                torch.cat([rgb2, sh2["alpha"]], -1).permute(2, 0, 1).unsqueeze(0), 2)
+            pooled = pooled[0].permute(1, 2, 0)
+            rgb, alpha = pooled[..., :3], pooled[..., 3:]
+        return MeshRender(rgb=rgb, alpha=alpha, depth=depth.unsqueeze(-1), tri_id=tri_id,
+                          bary=bary, uv=sh["uv"], normal=sh["normal"], backend=name)
+
+    # nvdiffrast: shade in its bottom-row-first layout, antialias, then flip rows
+    tri_id, bary, depth, state = rasterize_nvdiffrast(v, f, mvp, w, h)
+    sh = _shade(tri_id, bary, f, vn, mesh.vt, mesh.ft, texture)
+    bg = _background(background, h, w, bary)
+    if bg.ndim == 3:
+        bg = bg.flip(0)
+    alpha = sh["alpha"]
+    rgb = sh["fg"] * alpha + bg * (1.0 - alpha)
+    if antialias:
+        both = antialias_nvdiffrast(torch.cat([rgb, alpha], -1), state)
+        rgb, alpha = both[..., :3], both[..., 3:]
+    flip = lambda t: t.flip(0)  # noqa: E731
+    return MeshRender(rgb=flip(rgb), alpha=flip(alpha), depth=flip(depth.unsqueeze(-1)),
+                      tri_id=flip(tri_id), bary=flip(bary), uv=flip(sh["uv"]),
+                      normal=flip(sh["normal"]), backend=name)

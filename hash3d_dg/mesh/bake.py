@@ -1,0 +1,168 @@
+"""Bake an albedo texture for a uv-mapped mesh from renders of another representation.
+
+For every bake view the source (the Gaussians) is rendered with ``render_fn(camera)`` and the
+mesh is rasterised from the same camera. Each mesh pixel knows its uv; pixels that the source
+covers (source alpha > ``alpha_threshold``) and that face the camera (cosine between the
+interpolated normal and the direction to the camera > ``min_cos``) are splatted into the atlas
+with bilinear weights times that cosine. Texels get the weighted average over all views.
+
+Hole filling, limited to the atlas (texels covered by a uv triangle, dilated by ``dilate``
+texels so bilinear lookups at chart borders stay on the chart colour):
+
+1. small holes (texels between splatted samples when the texture is finer than the renders) are
+   filled from up to ``pull_levels`` coarser 2x2-summed levels of the same accumulation
+   (push-pull);
+2. remaining unseen texels take the colour of the nearest valid texel (scipy Euclidean distance
+   transform over texel coordinates).
+
+Texels outside the dilated atlas are black.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from hash3d_dg.camera import DEFAULT_FOVY, Camera
+from hash3d_dg.mesh.backends import rasterize_mesh
+from hash3d_dg.mesh.mesh import Mesh
+from hash3d_dg.mesh.rasterize_torch import rasterize_uv
+
+logger = logging.getLogger(__name__)
+
+#: (elevation, azimuth) degrees, orbit convention (negative elevation looks down from above):
+#: 8 views around the equator, 4 from 45 deg above, 4 from 45 deg below, straight top and bottom.
+DEFAULT_BAKE_VIEWS: tuple[tuple[float, float], ...] = (
+    tuple((0.0, az) for az in (0.0, 45.0, 90.0, 135.0, 180.0, -135.0, -90.0, -45.0))
+    + tuple((-45.0, az) for az in (0.0, 90.0, 180.0, -90.0))
+    + tuple((45.0, az) for az in (0.0, 90.0, 180.0, -90.0))
+    + ((-89.0, 0.0), (89.0, 0.0))
+)
+
+
+def _splat(acc: Tensor, wacc: Tensor, uv: Tensor, colour: Tensor, weight: Tensor, size: int) -> None:
+    """Bilinearly splat ``colour [N, 3]`` x ``weight [N]`` at ``uv [N, 2]`` into flat accumulators."""
+    tx = uv[:, 0] * size - 0.5
+    ty = (1.0 - uv[:, 1]) * size - 0.5
+    x0, y0 = torch.floor(tx), torch.floor(ty)
+    fx, fy = tx - x0, ty - y0
+    x0, y0 = x0.long(), y0.long()
+    for dx, dy, wgt in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)),
+                        (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
+        xi, yi = x0 + dx, y0 + dy
+        ok = (xi >= 0) & (xi < size) & (yi >= 0) & (yi < size)
+        w = (wgt * weight)[ok]
+        idx = (yi * size + xi)[ok]
+        acc.index_add_(0, idx, colour[ok] * w[:, None])
+        wacc.index_add_(0, idx, w)
+
+
+def _pull_fill(acc: Tensor, wacc: Tensor, levels: int, eps: float = 1e-8
+               ) -> tuple[Tensor, Tensor]:
+    """Weighted averages ``[S, S, 3]`` with small holes filled from coarser levels.
+
+    Returns the colour and a bool ``[S, S]`` mask of texels that received a value.
+    """
+    pyramid = [(acc, wacc)]
+    for _ in range(levels):
+        a, w = pyramid[-1]
+        if min(w.shape) < 2:
+            break
+        a2 = torch.nn.functional.avg_pool2d(a.permute(2, 0, 1)[None], 2, ceil_mode=True,
+                                            divisor_override=1)[0].permute(1, 2, 0)
+        w2 = torch.nn.functional.avg_pool2d(w[None, None], 2, ceil_mode=True,
+                                            divisor_override=1)[0, 0]
+        pyramid.append((a2, w2))
+    colour, valid = None, None
+    for a, w in reversed(pyramid):
+        here = w > eps
+        c = a / w.clamp_min(eps)[..., None]
+        if colour is not None:
+            up = colour.repeat_interleave(2, 0).repeat_interleave(2, 1)[: w.shape[0], : w.shape[1]]
+            up_valid = valid.repeat_interleave(2, 0).repeat_interleave(2, 1)[: w.shape[0], : w.shape[1]]
+            c = torch.where(here[..., None], c, up)
+            here = here | up_valid
+        colour, valid = c, here
+    return colour, valid
+
+
+def atlas_mask(mesh: Mesh, size: int, dilate: int = 2) -> Tensor:
+    """Bool ``[S, S]`` texels covered by a uv triangle, dilated by ``dilate`` texels (row 0 = top)."""
+    from scipy import ndimage
+
+    tri_id, _ = rasterize_uv(mesh.vt, mesh.ft, size)
+    mask = (tri_id >= 0).cpu().numpy()
+    if dilate > 0:
+        mask = ndimage.binary_dilation(mask, iterations=dilate)
+    return torch.as_tensor(mask, device=mesh.v.device)
+
+
+def bake_texture(mesh: Mesh, render_fn: Callable[[Camera], tuple[Tensor, Tensor]],
+                 views: Sequence[tuple[float, float]] = DEFAULT_BAKE_VIEWS, radius: float = 2.0,
+                 render_size: int = 512, texture_size: int = 1024, fovy: float = DEFAULT_FOVY,
+                 backend: str = "auto", min_cos: float = 0.1, alpha_threshold: float = 0.5,
+                 pull_levels: int = 3, dilate: int = 2) -> Tensor:
+    """Bake an albedo texture ``[T, T, 3]`` in [0, 1] for ``mesh`` (which needs ``vt``/``ft``).
+
+    Args:
+        mesh: uv-mapped mesh (``mesh.unwrap_uv()``); its albedo, if any, is ignored.
+        render_fn: ``camera -> (rgb [H, W, 3], alpha [H, W, 1])`` of the source, rendered at
+            ``camera.width x camera.height`` with row 0 at the top (same as the mesh renders).
+        views: ``(elevation, azimuth)`` degrees of the orbit cameras (see
+            :data:`DEFAULT_BAKE_VIEWS`).
+        radius, render_size, fovy: orbit radius, square render size, vertical field of view.
+        texture_size: output texture side ``T`` (best equal to the ``unwrap_uv`` resolution).
+        backend: mesh rasteriser backend.
+        min_cos, alpha_threshold, pull_levels, dilate: see the module docstring.
+    """
+    if not mesh.has_uv:
+        raise ValueError("bake_texture needs a uv atlas: call mesh.unwrap_uv() first")
+    device = mesh.v.device
+    size = int(texture_size)
+    acc = torch.zeros(size * size, 3, device=device)
+    wacc = torch.zeros(size * size, device=device)
+    untextured = Mesh(mesh.v, mesh.f, mesh.vn, mesh.vt, mesh.ft, None)
+    if untextured.vn is None:
+        untextured = untextured.compute_normals()
+    v, f = untextured.v.float(), untextured.f
+    for elevation, azimuth in views:
+        cam = Camera.orbit(elevation, azimuth, radius, render_size, fovy=fovy)
+        with torch.no_grad():
+            src_rgb, src_alpha = render_fn(cam)
+            r = rasterize_mesh(untextured, cam, backend=backend)
+        src_rgb = src_rgb.detach().to(device=device, dtype=torch.float32)
+        src_alpha = src_alpha.detach().to(device=device, dtype=torch.float32)
+        if src_rgb.shape[:2] != (cam.height, cam.width):
+            raise ValueError(f"render_fn returned {tuple(src_rgb.shape)} for a "
+                             f"{cam.height}x{cam.width} camera")
+        src_alpha = src_alpha.reshape(cam.height, cam.width)
+        covered = r.tri_id >= 0
+        tid = r.tri_id[covered]
+        bary = r.bary[covered].float()
+        points = (v[f[tid]] * bary[..., None]).sum(dim=1)
+        campos = torch.as_tensor(cam.campos, dtype=torch.float32, device=device)
+        to_cam = torch.nn.functional.normalize(campos - points, dim=-1)
+        cos = (r.normal[covered].float() * to_cam).sum(dim=-1)
+        keep = (cos > min_cos) & (src_alpha[covered] > alpha_threshold)
+        if not bool(keep.any()):
+            continue
+        _splat(acc, wacc, r.uv[covered][keep].float(), src_rgb[covered][keep], cos[keep], size)
+    if not bool((wacc > 0).any()):
+        raise ValueError("bake_texture: no view saw the mesh inside the source's alpha")
+    colour, valid = _pull_fill(acc.view(size, size, 3), wacc.view(size, size), pull_levels)
+    mask = atlas_mask(untextured, size, dilate)
+    valid = valid & mask
+    if not bool(valid.all()) and bool(valid.any()):
+        from scipy import ndimage
+
+        valid_np = valid.cpu().numpy()
+        _, (iy, ix) = ndimage.distance_transform_edt(~valid_np, return_indices=True)
+        nearest = torch.as_tensor(iy * size + ix, device=device)
+        colour = colour.reshape(-1, 3)[nearest.reshape(-1)].view(size, size, 3)
+    texture = torch.where(mask[..., None], colour, torch.zeros_like(colour))
+    seen = float((wacc.view(size, size) > 0)[mask].float().mean())
+    logger.info("bake: %d views, %.1f%% of atlas texels hit directly", len(views), 100.0 * seen)
+    return texture.clamp(0.0, 1.0)

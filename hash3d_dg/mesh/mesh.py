@@ -1,0 +1,231 @@
+"""The triangle-mesh type shared by extraction, rasterisation, baking, refinement and export.
+
+Texture convention (kept by every module of this package):
+
+* ``vt`` holds uv coordinates in [0, 1]; ``u`` grows to the right of the texture image and ``v``
+  grows *upward*: ``v = 0`` is the BOTTOM row of the image, ``v = 1`` its top (OpenGL, OBJ and
+  trimesh convention; glTF stores ``1 - v`` and trimesh converts on export/load).
+* ``albedo`` is an image tensor ``[Th, Tw, 3]`` whose row 0 is the TOP of the image (the way PIL
+  and every image file store it). The texel of uv ``(u, v)`` therefore sits at column
+  ``u * Tw`` and row ``(1 - v) * Th`` (continuous coordinates, texel centres at integer + 0.5),
+  which is exactly ``torch.nn.functional.grid_sample`` with ``align_corners=False`` on the grid
+  ``(2u - 1, 1 - 2v)`` (see :func:`uv_to_grid`).
+* Positions and uvs have separate index buffers: ``f`` indexes ``v``/``vn``, ``ft`` indexes
+  ``vt``; both are ``[F, 3]`` and face ``i`` of one is face ``i`` of the other. Triangles are
+  counter-clockwise seen from outside (normals point outward).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+
+def uv_to_grid(uv: Tensor) -> Tensor:
+    """Map uv ``[..., 2]`` (v = 0 at the image bottom) to ``grid_sample`` coordinates ``[..., 2]``."""
+    return torch.stack([uv[..., 0] * 2.0 - 1.0, 1.0 - uv[..., 1] * 2.0], dim=-1)
+
+
+def sample_texture(texture: Tensor, uv: Tensor) -> Tensor:
+    """Bilinearly sample ``texture [Th, Tw, C]`` at ``uv [N, 2]`` -> ``[N, C]`` (differentiable in both).
+
+    Border texels are clamped (``padding_mode="border"``); ``align_corners=False``.
+    """
+    if uv.shape[0] == 0:
+        return texture.new_zeros((0, texture.shape[-1]))
+    tex = texture.permute(2, 0, 1).unsqueeze(0)  # [1, C, Th, Tw]
+    grid = uv_to_grid(uv).to(tex.dtype).view(1, 1, -1, 2)
+    out = torch.nn.functional.grid_sample(tex, grid, mode="bilinear", padding_mode="border",
+                                          align_corners=False)
+    return out[0, :, 0, :].transpose(0, 1)
+
+
+def vertex_normals(v: Tensor, f: Tensor) -> Tensor:
+    """Area-weighted unit vertex normals ``[V, 3]`` of vertices ``v [V, 3]`` and faces ``f [F, 3]``.
+
+    Each face adds its unnormalised normal (cross product = 2 x area x unit normal) to its three
+    vertices. Differentiable in ``v``. Vertices without a face get ``(0, 0, 1)``.
+    """
+    v0, v1, v2 = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
+    fn = torch.cross(v1 - v0, v2 - v0, dim=-1)
+    vn = torch.zeros_like(v)
+    idx = f.reshape(-1)
+    vn = vn.index_add(0, idx, fn.repeat_interleave(3, dim=0))
+    length = vn.norm(dim=-1, keepdim=True)
+    fallback = torch.zeros_like(vn)
+    fallback[:, 2] = 1.0
+    return torch.where(length > 1e-20, vn / length.clamp_min(1e-20), fallback)
+
+
+@dataclass
+class Mesh:
+    """A triangle mesh, optionally with a uv atlas and an albedo texture (see the module docstring).
+
+    Attributes:
+        v: ``[V, 3]`` float32 vertex positions (world frame: +y up, front +z).
+        f: ``[F, 3]`` int64 position indices, counter-clockwise seen from outside.
+        vn: ``[V, 3]`` unit vertex normals or None.
+        vt: ``[T, 2]`` uv coordinates in [0, 1], v = 0 at the image bottom, or None.
+        ft: ``[F, 3]`` int64 uv indices (face i of ``f`` <-> face i of ``ft``) or None.
+        albedo: ``[Th, Tw, 3]`` float texture in [0, 1], row 0 = image top, or None.
+    """
+
+    v: Tensor
+    f: Tensor
+    vn: Tensor | None = None
+    vt: Tensor | None = None
+    ft: Tensor | None = None
+    albedo: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.v.ndim != 2 or self.v.shape[-1] != 3:
+            raise ValueError(f"Mesh.v must be [V, 3], got {tuple(self.v.shape)}")
+        if self.f.ndim != 2 or self.f.shape[-1] != 3:
+            raise ValueError(f"Mesh.f must be [F, 3], got {tuple(self.f.shape)}")
+        if (self.vt is None) != (self.ft is None):
+            raise ValueError("Mesh.vt and Mesh.ft must be given together")
+        if self.ft is not None and self.ft.shape != self.f.shape:
+            raise ValueError(f"Mesh.ft {tuple(self.ft.shape)} must match Mesh.f {tuple(self.f.shape)}")
+        if self.albedo is not None and (self.albedo.ndim != 3 or self.albedo.shape[-1] != 3):
+            raise ValueError(f"Mesh.albedo must be [Th, Tw, 3], got {tuple(self.albedo.shape)}")
+
+    # ------------------------------------------------------------------ basic properties
+    @property
+    def device(self) -> torch.device:
+        return self.v.device
+
+    @property
+    def has_uv(self) -> bool:
+        return self.vt is not None and self.ft is not None
+
+    @property
+    def num_vertices(self) -> int:
+        return int(self.v.shape[0])
+
+    @property
+    def num_faces(self) -> int:
+        return int(self.f.shape[0])
+
+    def to(self, device) -> "Mesh":
+        """A copy on ``device``."""
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Mesh(mv(self.v), mv(self.f), mv(self.vn), mv(self.vt), mv(self.ft), mv(self.albedo))
+
+    def detach(self) -> "Mesh":
+        dt = lambda t: None if t is None else t.detach()  # noqa: E731
+        return Mesh(dt(self.v), dt(self.f), dt(self.vn), dt(self.vt), dt(self.ft), dt(self.albedo))
+
+    def with_albedo(self, albedo: Tensor | None) -> "Mesh":
+        return replace(self, albedo=albedo)
+
+    # ------------------------------------------------------------------ geometry
+    def compute_normals(self) -> "Mesh":
+        """A copy with area-weighted vertex normals ``vn``."""
+        return replace(self, vn=vertex_normals(self.v, self.f))
+
+    def face_normals(self) -> Tensor:
+        """Unit face normals ``[F, 3]`` (counter-clockwise winding)."""
+        v0, v1, v2 = self.v[self.f[:, 0]], self.v[self.f[:, 1]], self.v[self.f[:, 2]]
+        return torch.nn.functional.normalize(torch.cross(v1 - v0, v2 - v0, dim=-1), dim=-1)
+
+    def signed_volume(self) -> float:
+        """Signed enclosed volume (positive for a closed mesh with outward-facing triangles)."""
+        v = self.v.double()
+        v0, v1, v2 = v[self.f[:, 0]], v[self.f[:, 1]], v[self.f[:, 2]]
+        return float((v0 * torch.cross(v1, v2, dim=-1)).sum() / 6.0)
+
+    def unwrap_uv(self, texture_size: int = 1024, padding: int = 4) -> "Mesh":
+        """A copy with an xatlas uv atlas (``vt``, ``ft``); positions ``v``/``f`` are unchanged.
+
+        ``texture_size``/``padding`` set xatlas' packing resolution and the gap (in texels) kept
+        between charts, so bilinear sampling and texel dilation do not bleed across charts.
+        xatlas runs in a child process (see :mod:`hash3d_dg.mesh.uv`).
+        """
+        from hash3d_dg.mesh.uv import xatlas_unwrap
+
+        f = self.f.detach().cpu().numpy()
+        vmapping, indices, uvs, charts = xatlas_unwrap(self.v.detach().cpu().numpy(), f,
+                                                       texture_size, padding)
+        # xatlas keeps the face order; check that its corners map back to ours.
+        if not np.array_equal(vmapping[indices], f):
+            raise RuntimeError("xatlas changed the face order or vertices; cannot keep f unchanged")
+        dev = self.v.device
+        vt = torch.as_tensor(uvs.astype(np.float32), device=dev)
+        ft = torch.as_tensor(indices, device=dev)
+        logger.info("xatlas: %d faces, %d uv vertices, %d charts", self.num_faces, vt.shape[0],
+                    charts)
+        return replace(self, vt=vt, ft=ft)
+
+    # ------------------------------------------------------------------ trimesh interop
+    @classmethod
+    def from_trimesh(cls, tm, device="cpu") -> "Mesh":
+        """Build a Mesh from a ``trimesh.Trimesh`` (uvs and a base-colour texture are kept)."""
+        import trimesh
+
+        v = torch.as_tensor(np.asarray(tm.vertices, dtype=np.float32), device=device)
+        f = torch.as_tensor(np.asarray(tm.faces, dtype=np.int64), device=device)
+        # Normals stored in a file are kept by trimesh; otherwise it computes them.
+        vn = torch.as_tensor(np.asarray(tm.vertex_normals, dtype=np.float32), device=device)
+        vt = ft = albedo = None
+        visual = tm.visual
+        if isinstance(visual, trimesh.visual.texture.TextureVisuals):
+            if visual.uv is not None and len(visual.uv) == len(tm.vertices):
+                vt = torch.as_tensor(np.asarray(visual.uv, dtype=np.float32), device=device)
+                ft = f.clone()
+            image = _material_image(visual.material)
+            if image is not None:
+                arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+                albedo = torch.as_tensor(arr, device=device)
+        return cls(v, f, vn, vt, ft, albedo)
+
+    def to_trimesh(self):
+        """A ``trimesh.Trimesh`` in the same frame (no axis change).
+
+        With uvs, vertices are split so that each (position, uv) pair becomes one trimesh vertex
+        (trimesh stores one uv per vertex); the albedo becomes a ``PBRMaterial`` base-colour
+        texture (metallic 0, roughness 1: the texture is a plain albedo).
+        """
+        import trimesh
+        from PIL import Image
+
+        v = self.v.detach().cpu().numpy().astype(np.float64)
+        f = self.f.detach().cpu().numpy().astype(np.int64)
+        vn = None if self.vn is None else self.vn.detach().cpu().numpy().astype(np.float64)
+        if not self.has_uv:
+            return trimesh.Trimesh(vertices=v, faces=f, vertex_normals=vn, process=False)
+        vt = self.vt.detach().cpu().numpy().astype(np.float64)
+        ft = self.ft.detach().cpu().numpy().astype(np.int64)
+        corners = np.stack([f.reshape(-1), ft.reshape(-1)], axis=1)
+        pairs, inverse = np.unique(corners, axis=0, return_inverse=True)
+        faces = inverse.reshape(-1, 3)
+        material = None
+        if self.albedo is not None:
+            image = Image.fromarray(albedo_to_uint8(self.albedo), mode="RGB")
+            material = trimesh.visual.material.PBRMaterial(
+                baseColorTexture=image, metallicFactor=0.0, roughnessFactor=1.0)
+        visual = trimesh.visual.texture.TextureVisuals(uv=vt[pairs[:, 1]], material=material)
+        return trimesh.Trimesh(vertices=v[pairs[:, 0]], faces=faces,
+                               vertex_normals=None if vn is None else vn[pairs[:, 0]],
+                               visual=visual, process=False)
+
+
+def albedo_to_uint8(albedo: Tensor) -> np.ndarray:
+    """``[Th, Tw, 3]`` float texture in [0, 1] -> ``uint8`` array (rounded, clamped)."""
+    arr = albedo.detach().float().clamp(0.0, 1.0).cpu().numpy()
+    return np.round(arr * 255.0).astype(np.uint8)
+
+
+def _material_image(material):
+    """The base-colour PIL image of a trimesh material (PBR or simple), or None."""
+    if material is None:
+        return None
+    image = getattr(material, "baseColorTexture", None)
+    if image is None:
+        image = getattr(material, "image", None)
+    return image

@@ -1,0 +1,66 @@
+"""nvdiffrast rasteriser (CUDA only), with the same outputs as :mod:`rasterize_torch`.
+
+nvdiffrast writes row 0 at the BOTTOM of the image (OpenGL window coordinates); the caller flips
+the rows after shading/antialiasing so that row 0 is the top, as in the torch backend.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+
+def nvdiffrast_available() -> bool:
+    try:
+        import nvdiffrast.torch  # noqa: F401
+    except Exception:  # ImportError, or a broken build raising at import
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=4)
+def cuda_context(device_index: int):
+    """One ``RasterizeCudaContext`` per CUDA device, created on first use and reused."""
+    import nvdiffrast.torch as dr
+
+    return dr.RasterizeCudaContext(device=torch.device("cuda", device_index))
+
+
+def rasterize_nvdiffrast(v: Tensor, faces: Tensor, mvp: Tensor, width: int, height: int):
+    """Rasterise with nvdiffrast, in nvdiffrast's bottom-row-first layout.
+
+    Returns ``tri_id [H, W]`` (-1 empty), perspective-correct ``bary [H, W, 3]`` (differentiable
+    in ``v`` through nvdiffrast's rasterize backward), ``depth [H, W]`` (clip w, i.e. distance
+    along the view axis, 0 empty), and ``(rast, clip, tri32)`` for ``dr.antialias``.
+    """
+    import nvdiffrast.torch as dr
+
+    if v.device.type != "cuda":
+        raise ValueError("the nvdiffrast backend needs CUDA tensors")
+    ctx = cuda_context(v.device.index if v.device.index is not None else torch.cuda.current_device())
+    mvp = mvp.to(device=v.device, dtype=torch.float32)
+    v32 = v.float()
+    clip = (torch.cat([v32, torch.ones_like(v32[:, :1])], dim=-1) @ mvp.T).unsqueeze(0).contiguous()
+    tri32 = faces.to(torch.int32).contiguous()
+    rast, _ = dr.rasterize(ctx, clip, tri32, resolution=(height, width))
+    r = rast[0]
+    tri_id = r[..., 3].round().long() - 1  # 0 = empty
+    covered = (tri_id >= 0).unsqueeze(-1)
+    # nvdiffrast: the first vertex has (u, v) = (1, 0), the second (0, 1), the third (0, 0)
+    u, w_ = r[..., 0], r[..., 1]
+    bary = torch.stack([u, w_, 1.0 - u - w_], dim=-1) * covered
+    cw = clip[0, :, 3:4].contiguous().unsqueeze(0)  # [1, V, 1]
+    depth, _ = dr.interpolate(cw, rast, tri32)
+    depth = depth[0, ..., 0] * covered[..., 0]
+    return tri_id, bary.to(v.dtype), depth.to(v.dtype), (rast, clip, tri32)
+
+
+def antialias_nvdiffrast(color: Tensor, raster_state) -> Tensor:
+    """``dr.antialias`` of an image ``[H, W, C]`` in nvdiffrast's layout (gradients to positions)."""
+    import nvdiffrast.torch as dr
+
+    rast, clip, tri32 = raster_state
+    out = dr.antialias(color.float().unsqueeze(0).contiguous(), rast, clip, tri32)
+    return out[0].to(color.dtype)
