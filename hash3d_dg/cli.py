@@ -101,6 +101,7 @@ def _configure_logging(debug: bool) -> None:
             diffusers.utils.logging.set_verbosity_error()
             transformers.utils.logging.set_verbosity_error()
             diffusers.utils.logging.disable_progress_bar()
+            transformers.utils.logging.disable_progress_bar()
         except ImportError:
             pass
 

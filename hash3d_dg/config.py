@@ -56,6 +56,7 @@ class Stage1Config:
     position_lr_final: float = 2e-5
     position_lr_delay_mult: float = 0.02
     position_lr_max_steps: int = 500
+    spatial_lr_scale: float = 10.0  # DreamGaussian's create_from_pcd(pcd, 10): position lr x 10
     feature_lr: float = 0.01
     opacity_lr: float = 0.05
     scaling_lr: float = 0.005

@@ -61,7 +61,7 @@ def export_glb(mesh: Mesh, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = mesh.to_trimesh().export(file_type="glb")
     _atomic_write([(path, bytes(data))])
-    logger.info("wrote %s (%d faces)", path, mesh.num_faces)
+    logger.debug("wrote %s (%d faces)", path, mesh.num_faces)
     return path
 
 
@@ -120,7 +120,7 @@ def export_obj(mesh: Mesh, path) -> Path:
                   (path.with_name(mtl_name), mtl.encode())]
     files.append((path, obj_text(mesh, mtl_name).encode()))
     _atomic_write(files)
-    logger.info("wrote %s (%d faces)", path, mesh.num_faces)
+    logger.debug("wrote %s (%d faces)", path, mesh.num_faces)
     return path
 
 

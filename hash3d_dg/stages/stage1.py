@@ -79,7 +79,8 @@ def run_stage1(ref: ReferenceView, cfg: RunConfig, guidance=None, progress: bool
         for group in optimizer.param_groups:
             if group.get("name") == "means":
                 group["lr"] = position_lr(step, s1.position_lr_init, s1.position_lr_final,
-                                          s1.position_lr_delay_mult, s1.position_lr_max_steps)
+                                          s1.position_lr_delay_mult, s1.position_lr_max_steps,
+                                          spatial_lr_scale=s1.spatial_lr_scale)
 
         # Known view: match the input image and its mask.
         out = gaussians.render(ref.camera, white, backend=s1.backend)
@@ -108,11 +109,12 @@ def run_stage1(ref: ReferenceView, cfg: RunConfig, guidance=None, progress: bool
 
         loss.backward()
         optimizer.step()
-        # Densification statistics come from the last render, as in DreamGaussian.
+        optimizer.zero_grad(set_to_none=True)
+        # Densification statistics come from the last render, as in DreamGaussian; it replaces
+        # parameters, so it runs after the optimizer step.
         counts = densifier.step_post_backward(gaussians, optimizer, out, step)
         for key in densify_counts:
-            densify_counts[key] += int(counts.get(key, 0)) if counts else 0
-        optimizer.zero_grad(set_to_none=True)
+            densify_counts[key] += int(counts.get(key, 0))
 
         loss_value = float(loss.detach())
         if progress:
@@ -122,7 +124,8 @@ def run_stage1(ref: ReferenceView, cfg: RunConfig, guidance=None, progress: bool
             bar.set_postfix(postfix)
     bar.close()
 
-    pruned = densifier.prune(gaussians, optimizer, densifier.min_opacity)
+    # DreamGaussian's final clean-up: transparent or oversized (> 0.1 world units) Gaussians.
+    pruned = densifier.prune(gaussians, optimizer, min_opacity=0.01, max_world_scale=0.1)
     densify_counts["pruned"] += int(pruned)
     seconds = time.perf_counter() - start
     report = {"iters": s1.iters, "seconds": round(seconds, 3), "final_loss": loss_value,

@@ -1,0 +1,139 @@
+"""One entry point for rendering Gaussians, whatever rasterizer is available.
+
+Backends:
+* ``torch``: pure PyTorch, any device (``rasterize_torch``), the reference on CPU.
+* ``gsplat``: gsplat's CUDA kernels (CUDA devices only; its op is JIT-built on first use).
+* ``inria``: the 3DGS ``diff_gaussian_rasterization`` extension (CUDA only, when installed).
+* ``auto``: ``gsplat`` on a CUDA device when gsplat imports and its CUDA op loads, else ``torch``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+from torch import Tensor
+
+from hash3d_dg.gaussians.rasterize_torch import rasterize_torch
+from hash3d_dg.gaussians.render_result import GaussianRender
+
+BACKENDS = ("torch", "gsplat", "inria")
+
+
+@functools.lru_cache(maxsize=None)
+def _gsplat_status() -> bool | str:
+    """True when gsplat's CUDA op loads; otherwise the reason (string). Only probed with CUDA."""
+    if importlib.util.find_spec("gsplat") is None:
+        return "gsplat is not installed"
+    if not torch.cuda.is_available():
+        return "needs CUDA"
+    try:
+        from gsplat.cuda._backend import _C  # may JIT-compile the op (minutes, first time)
+    except Exception as exc:  # noqa: BLE001 - any failure means unusable
+        return f"gsplat CUDA op failed to load: {type(exc).__name__}: {exc}".splitlines()[0]
+    if _C is None:
+        return "gsplat CUDA op unavailable (no CUDA toolkit to build it)"
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _inria_status() -> bool | str:
+    if importlib.util.find_spec("diff_gaussian_rasterization") is None:
+        return "diff_gaussian_rasterization is not installed"
+    if not torch.cuda.is_available():
+        return "needs CUDA"
+    try:
+        import diff_gaussian_rasterization  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        return f"diff_gaussian_rasterization failed to import: {type(exc).__name__}: {exc}" \
+            .splitlines()[0]
+    return True
+
+
+def available_gaussian_backends(device: torch.device | str = "cpu",
+                                probe_cuda: bool = True) -> dict[str, bool | str]:
+    """Which backends can render on ``device``: True, or a one-line reason why not.
+
+    With ``probe_cuda`` False the CUDA backends are only checked for being installed (no
+    import of gsplat's op, which can trigger a JIT build).
+    """
+    device = torch.device(device)
+    status: dict[str, bool | str] = {"torch": True}
+    for name, probe in (("gsplat", _gsplat_status), ("inria", _inria_status)):
+        module = "gsplat" if name == "gsplat" else "diff_gaussian_rasterization"
+        if device.type != "cuda":
+            installed = importlib.util.find_spec(module) is not None
+            status[name] = "needs a CUDA device" if installed else f"{module} is not installed"
+        elif not probe_cuda:
+            status[name] = importlib.util.find_spec(module) is not None or \
+                f"{module} is not installed"
+        else:
+            status[name] = probe()
+    return status
+
+
+def resolve_gaussian_backend(name: str, device: torch.device | str) -> str:
+    """Map a requested backend (``auto``, ``torch``, ``gsplat``, ``inria``) to a usable one.
+
+    ``auto`` picks ``gsplat`` on CUDA when usable, else ``torch``. An explicit backend that is
+    not usable raises ``ValueError`` with one line saying why.
+    """
+    device = torch.device(device)
+    if name == "auto":
+        if device.type == "cuda" and _gsplat_status() is True:
+            return "gsplat"
+        return "torch"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown Gaussian rasterizer backend {name!r}; "
+                         f"choose one of auto, {', '.join(BACKENDS)}")
+    if name == "torch":
+        return name
+    status = available_gaussian_backends(device)[name]
+    if status is not True:
+        raise ValueError(f"Gaussian rasterizer backend {name!r} is unavailable on {device}: "
+                         f"{status}")
+    return name
+
+
+def rasterize_gaussians(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor,
+                        colors: Tensor, camera, background: Tensor, backend: str = "auto",
+                        tile_size: int | None = None) -> GaussianRender:
+    """Render 3D Gaussians from ``camera`` (``hash3d_dg.camera.Camera``).
+
+    Args:
+        means: [N, 3] world positions.
+        quats: [N, 4] rotations (w, x, y, z), normalised or not.
+        scales: [N, 3] activated standard deviations.
+        opacities: [N] activated opacities in [0, 1].
+        colors: [N, 3] RGB.
+        camera: provides ``viewmat()`` (OpenCV world-to-camera), ``K()``, ``width``,
+            ``height``, ``near``, ``far``.
+        background: [3] RGB added with the final transmittance.
+        backend: ``auto``, ``torch``, ``gsplat`` or ``inria``.
+        tile_size: tile edge in pixels (None: 8 for torch, which measured fastest on CPU across
+            footprint sizes; 16 for gsplat). The torch result does not depend on it.
+
+    Returns:
+        GaussianRender with HWC image/alpha/depth, per-Gaussian radii and means2d
+        (pixel centres at +0.5; ``means2d.grad`` after backward is the pixel-space gradient).
+    """
+    device, dtype = means.device, means.dtype
+    chosen = resolve_gaussian_backend(backend, device)
+    viewmat = camera.viewmat(device=device, dtype=dtype)
+    K = camera.K(device=device, dtype=dtype)
+    background = background.to(device=device, dtype=dtype)
+    width, height = int(camera.width), int(camera.height)
+    near, far = float(camera.near), float(camera.far)
+    if chosen == "torch":
+        return rasterize_torch(means, quats, scales, opacities, colors, viewmat, K, width,
+                               height, background, near=near, far=far,
+                               tile_size=tile_size or 8)
+    from hash3d_dg.gaussians import rasterize_cuda
+
+    if chosen == "gsplat":
+        return rasterize_cuda.rasterize_gsplat(means, quats, scales, opacities, colors, viewmat,
+                                               K, width, height, background, near=near,
+                                               far=far, tile_size=tile_size or 16)
+    return rasterize_cuda.rasterize_inria(means, quats, scales, opacities, colors, viewmat, K,
+                                          width, height, background, near=near, far=far)

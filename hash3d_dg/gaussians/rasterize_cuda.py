@@ -1,0 +1,120 @@
+"""CUDA rasterizer backends: gsplat and the 3DGS ``diff_gaussian_rasterization`` (inria).
+
+Both return the same ``GaussianRender`` as the torch backend. Neither is ever called without a
+CUDA device (gsplat would try a JIT build of its op and fail).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from hash3d_dg.gaussians.projection import project_gaussians
+from hash3d_dg.gaussians.render_result import GaussianRender
+
+
+def rasterize_gsplat(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor,
+                     colors: Tensor, viewmat: Tensor, K: Tensor, width: int, height: int,
+                     background: Tensor, near: float = 0.01, far: float = 1e10,
+                     tile_size: int = 16) -> GaussianRender:
+    """Render with gsplat's CUDA kernels (classic 3DGS rasterization, eps2d 0.3).
+
+    Calls gsplat's public building blocks (projection, tile intersection, rasterization)
+    rather than ``gsplat.rasterization`` so that the [N, 2] ``means2d`` handed back is the very
+    tensor fed to the rasterizer (its ``.grad`` is then the pixel-space gradient).
+    gsplat's radii are per-axis (opacity-aware, <= 3.33 sigma); the max over the two axes is
+    returned.
+    """
+    import gsplat
+
+    radii2, means2d_c, depths, conics, _ = gsplat.fully_fused_projection(
+        means, None, quats, scales, viewmat[None], K[None], width, height, eps2d=0.3,
+        near_plane=near, far_plane=far, packed=False, opacities=opacities)
+    means2d = means2d_c[0]
+    if means2d.requires_grad:
+        means2d.retain_grad()
+    feats = torch.cat([colors, depths[0][:, None]], dim=-1)[None]  # [1, N, 4]
+    tiles_x, tiles_y = math.ceil(width / tile_size), math.ceil(height / tile_size)
+    _, isect_ids, flatten_ids = gsplat.isect_tiles(means2d[None], radii2, depths, tile_size,
+                                                   tiles_x, tiles_y, packed=False)
+    offsets = gsplat.isect_offset_encode(isect_ids, 1, tiles_x, tiles_y).reshape(
+        1, tiles_y, tiles_x)
+    bg = torch.cat([background.to(feats), feats.new_zeros(1)])[None]
+    rgbd, alpha = gsplat.rasterize_to_pixels(means2d[None], conics, feats, opacities[None],
+                                             width, height, tile_size, offsets, flatten_ids,
+                                             backgrounds=bg)
+    radii = radii2[0].max(dim=-1).values.to(torch.int32)
+    return GaussianRender(image=rgbd[0, ..., :3], alpha=alpha[0], depth=rgbd[0, ..., 3:4],
+                          radii=radii, means2d=means2d, backend="gsplat")
+
+
+def _inria_projection_matrix(near: float, far: float, tan_half_fovx: float,
+                             tan_half_fovy: float) -> Tensor:
+    """3DGS ``getProjectionMatrix``: OpenCV camera space -> clip space with z in [0, 1]."""
+    proj = torch.zeros(4, 4, dtype=torch.float64)
+    proj[0, 0] = 1.0 / tan_half_fovx
+    proj[1, 1] = 1.0 / tan_half_fovy
+    proj[3, 2] = 1.0
+    proj[2, 2] = far / (far - near)
+    proj[2, 3] = -(far * near) / (far - near)
+    return proj
+
+
+def rasterize_inria(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor,
+                    colors: Tensor, viewmat: Tensor, K: Tensor, width: int, height: int,
+                    background: Tensor, near: float = 0.01, far: float = 100.0
+                    ) -> GaussianRender:
+    """Render with ``diff_gaussian_rasterization`` (graphdeco 3DGS or DreamGaussian's fork).
+
+    The rasterizer takes a transposed view matrix and a full projection matrix (its own
+    convention, principal point at the image centre). Its ``means2D`` gradient is in NDC units
+    and its pixel centres sit at integers; ``means2d`` here is our pixel projection (centres at
+    +0.5) wired so that its ``.grad`` is the pixel-space gradient, like the other backends.
+    Depth and alpha come from the fork's extra outputs when present (DreamGaussian's fork returns
+    image, radii, depth, alpha), otherwise from a second pass with colours (z, 1, 0).
+    """
+    from diff_gaussian_rasterization import (  # type: ignore[import-not-found]
+        GaussianRasterizationSettings, GaussianRasterizer)
+
+    fx, fy = float(K[0, 0]), float(K[1, 1])
+    tanfovx, tanfovy = 0.5 * width / fx, 0.5 * height / fy
+    view_t = viewmat.detach().double().T.contiguous()
+    full_proj = view_t @ _inria_projection_matrix(near, far, tanfovx, tanfovy).T
+    campos = torch.linalg.inv(viewmat.detach().double())[:3, 3]
+    dev = means.device
+    fields = dict(image_height=int(height), image_width=int(width), tanfovx=tanfovx,
+                  tanfovy=tanfovy, bg=background.float().to(dev), scale_modifier=1.0,
+                  viewmatrix=view_t.float().to(dev), projmatrix=full_proj.float().to(dev),
+                  sh_degree=0, campos=campos.float().to(dev), prefiltered=False, debug=False)
+    if "antialiasing" in getattr(GaussianRasterizationSettings, "_fields", ()):
+        fields["antialiasing"] = False
+    rasterizer = GaussianRasterizer(raster_settings=GaussianRasterizationSettings(**fields))
+
+    proj = project_gaussians(means.detach(), quats.detach(), scales.detach(), viewmat, K,
+                             width, height, near=near, far=far)
+    delta = torch.zeros_like(proj.means2d, requires_grad=True)
+    means2d = proj.means2d + delta
+    means2d.retain_grad()
+    ndc_per_px = torch.tensor([2.0 / width, 2.0 / height], dtype=means2d.dtype, device=dev)
+    screen = torch.cat([(means2d - means2d.detach()) * ndc_per_px,
+                        means2d.new_zeros(means2d.shape[0], 1)], dim=-1)
+    q = quats / quats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    common = dict(means3D=means, means2D=screen, shs=None, opacities=opacities[:, None],
+                  scales=scales, rotations=q, cov3D_precomp=None)
+    out = rasterizer(colors_precomp=colors, **common)
+    image, radii = out[0], out[1]
+    if len(out) >= 4:
+        depth, alpha = out[2], out[3]
+    else:
+        z = means @ viewmat[2, :3] + viewmat[2, 3]  # camera-space depth
+        aux_feats = torch.stack([z, torch.ones_like(z), torch.zeros_like(z)], dim=-1)
+        fields["bg"] = torch.zeros(3, device=dev)
+        aux = GaussianRasterizer(raster_settings=GaussianRasterizationSettings(**fields))
+        aux_out = aux(colors_precomp=aux_feats, **common)[0]
+        depth, alpha = aux_out[0:1], aux_out[1:2]
+    return GaussianRender(image=image.permute(1, 2, 0), alpha=alpha.reshape(1, height, width)
+                          .permute(1, 2, 0), depth=depth.reshape(1, height, width)
+                          .permute(1, 2, 0), radii=radii.to(torch.int32), means2d=means2d,
+                          backend="inria")
