@@ -155,3 +155,29 @@ def test_folder_run_continues_past_a_bad_image(tmp_path, capfd, monkeypatch):
     assert (out / "a_good" / "a_good.glb").is_file()
     assert not (out / "b_bad").exists()
     assert "1 succeeded, 1 failed" in captured.out
+
+
+def test_stage_2_reuses_a_stage_1_result(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("HASH3D_DG_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "logs"
+    common = ["--image", str(sample_image()), "--config", SMOKE, "--output", str(out), "--name", "split",
+              "--quiet", "output.save_video=false"]
+    assert main(common + ["--stage", "1"]) == 0
+    folder = out / "split"
+    assert (folder / "split_gaussians.ply").is_file() and not (folder / "split.glb").exists()
+    report1 = json.loads((folder / "split_report.json").read_text())
+    assert "stage1" in report1 and "stage2" not in report1
+    ply_before = (folder / "split_gaussians.ply").read_bytes()
+    assert main(common + ["--stage", "2"]) == 0
+    report2 = json.loads((folder / "split_report.json").read_text())
+    assert "stage2" in report2 and "stage1" not in report2
+    assert (folder / "split.glb").is_file()
+    assert (folder / "split_gaussians.ply").read_bytes() == ply_before
+
+
+def test_stage_2_without_a_stage_1_result_is_a_clear_error(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("HASH3D_DG_CACHE", str(tmp_path / "cache"))
+    code = main(["--image", str(sample_image()), "--config", SMOKE, "--output", str(tmp_path / "logs"),
+                 "--stage", "2", "--quiet"])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--stage 1" in err[0]

@@ -73,9 +73,10 @@ def sized_guidance(cfg: RunConfig, device, dtype, unet_size: str = "tiny", vae_s
     if vae_size == "full":
         components.vae = AutoencoderKL(**stable_zero123_vae_config())
     for name in ("unet", "vae", "image_encoder", "camera_projection"):
-        module = getattr(components, name).to(device=device, dtype=dtype).eval()
-        module.requires_grad_(False)
-        setattr(components, name, module)
+        module = getattr(components, name)
+        if any(p.dtype != dtype or p.device != torch.device(device) for p in module.parameters()):
+            module = module.to(device=device, dtype=dtype)  # a freshly built, random module
+        setattr(components, name, module.eval().requires_grad_(False))
     cache = Hash3DCache(cfg.hash3d, seed=cfg.seed) if cfg.hash3d.mode != "off" else None
     denoiser = CachedDenoiser(UNetSplit(components.unet, cfg.hash3d.cache_point), cache)
     return Zero123Guidance(components, denoiser=denoiser, guidance_scale=cfg.guidance.guidance_scale,

@@ -16,6 +16,28 @@ from hash3d_dg.bench.harness import (bench_config, describe_machine, run_stages,
 MODES = ("off", "paper", "official")
 
 
+class _Timed:
+    """Wraps a guidance method to add up the seconds spent in it (forward only: the SDS loss's
+    backward through the VAE runs later, inside the stage's loss.backward())."""
+
+    def __init__(self, fn, synchronize: bool) -> None:
+        self.fn, self.synchronize = fn, synchronize
+        self.seconds, self.calls = 0.0, 0
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        out = self.fn(*args, **kwargs)
+        if self.synchronize:
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return out
+
+    @property
+    def per_call(self) -> float:
+        return self.seconds / self.calls if self.calls else 0.0
+
+
 def speed_report(iters: int = 40, iters_refine: int = 8, size: int = 128, unet: str | None = None,
                  vae: str | None = None, device: str = "auto", seed: int = 0, repeats: int = 1,
                  modes=MODES) -> dict:
@@ -25,7 +47,7 @@ def speed_report(iters: int = 40, iters_refine: int = 8, size: int = 128, unet: 
     unet = unet or ("full" if on_cuda else "small")
     vae = vae or ("full" if on_cuda else "tiny")
     dtype = torch.float16 if on_cuda else torch.float32
-    image_size = 256 if vae == "full" else 64
+    image_size = 256 if vae == "full" else 128
     from hash3d_dg.pipeline import RunContext
 
     results = {}
@@ -40,6 +62,9 @@ def speed_report(iters: int = 40, iters_refine: int = 8, size: int = 128, unet: 
             ref = sample_reference(cfg.stage1.ref_size, cfg, device_t)
             guidance.set_reference(ref.image_nchw(), cfg.elevation)
             mesh = standin_mesh(device=device_t)
+            sds_timer = _Timed(guidance.sds, on_cuda)
+            refine_timer = _Timed(guidance.refine, on_cuda)
+            guidance.sds, guidance.refine = sds_timer, refine_timer
             if on_cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -47,12 +72,16 @@ def speed_report(iters: int = 40, iters_refine: int = 8, size: int = 128, unet: 
             if on_cuda:
                 torch.cuda.synchronize()
             reports["wall"] = time.perf_counter() - start
+            reports["sds_s_per_call"] = sds_timer.per_call
+            reports["refine_s_per_call"] = refine_timer.per_call
             timings.append(reports)
         best = min(timings, key=lambda r: r["wall"])
         s1, s2 = best["stage1"], best["stage2"]
         results[mode] = {
             "stage1_s_per_iter": round(s1["seconds"] / max(iters, 1), 5),
             "stage2_s_per_iter": round(s2["seconds"] / max(iters_refine, 1), 5),
+            "sds_forward_s_per_call": round(best["sds_s_per_call"], 5),
+            "refine_s_per_call": round(best["refine_s_per_call"], 5),
             "stage1_unet": s1["unet"], "stage2_unet": s2["unet"],
             "stage1_hits": s1["cache"]["hits"], "stage2_hits": s2["cache"]["hits"],
             "backends": {"gaussian": ctx.gaussian_backend, "mesh": ctx.mesh_backend},
@@ -62,6 +91,8 @@ def speed_report(iters: int = 40, iters_refine: int = 8, size: int = 128, unet: 
         for entry in results.values():
             entry["stage1_ratio_to_off"] = round(entry["stage1_s_per_iter"] / off["stage1_s_per_iter"], 4)
             entry["stage2_ratio_to_off"] = round(entry["stage2_s_per_iter"] / off["stage2_s_per_iter"], 4)
+            entry["sds_ratio_to_off"] = round(entry["sds_forward_s_per_call"] / off["sds_forward_s_per_call"], 4)
+            entry["refine_ratio_to_off"] = round(entry["refine_s_per_call"] / off["refine_s_per_call"], 4)
     return {"modes": results, "settings": {"iters": iters, "iters_refine": iters_refine,
                                            "render_size": size, "unet": unet, "vae": vae,
                                            "dtype": str(dtype).replace("torch.", ""),
