@@ -495,9 +495,14 @@ def find_images(path_or_dir: str | os.PathLike[str]) -> list[Path]:
 
 
 def output_path(source: Path, output_dir: Path | None) -> Path:
-    """Where the CLI writes a source image's result: ``<output_dir or its folder>/<stem>_rgba.png``."""
+    """Where the CLI writes a source image's result: ``<output_dir or its folder>/<name>_rgba.png``,
+    ``name`` being the stem without a trailing ``_rgba``."""
     folder = output_dir if output_dir is not None else source.parent
-    return folder / f"{source.stem}_rgba.png"
+    name = source.stem.removesuffix("_rgba") or source.stem  # cat_rgba.png -> cat_rgba.png, not cat_rgba_rgba.png
+    target = folder / f"{name}_rgba.png"
+    if target.resolve() == source.resolve():  # never overwrite the input itself
+        target = folder / f"{source.stem}_rgba.png"
+    return target
 
 
 def _skip_previous_outputs(images: list[Path], output_dir: Path | None) -> tuple[list[Path], list[Path]]:
