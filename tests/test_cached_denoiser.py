@@ -7,14 +7,6 @@ from diffusers import UNet2DConditionModel
 from hash3d_dg.cache import CacheKey, CachedDenoiser, Hash3DCache, Hash3DConfig, SplitDenoiser, UNetSplit
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def split():
     torch.manual_seed(0)

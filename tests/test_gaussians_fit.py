@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pytest
 import torch
 
 from hash3d_dg.camera import Camera
@@ -47,17 +46,7 @@ def ray_traced_ellipsoid(cam: Camera, radii=(0.42, 0.3, 0.3), supersample: int =
     return torch.tensor(rgb, dtype=torch.float32), torch.tensor(mask, dtype=torch.float32)
 
 
-@pytest.fixture
-def one_thread():
-    """On a shared 2-core machine, intra-op threads spin against other processes; one thread
-    runs this small workload several times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_fit_reference_view_of_a_ray_traced_ellipsoid(one_thread):
+def test_fit_reference_view_of_a_ray_traced_ellipsoid():
     torch.manual_seed(0)
     cam = Camera.orbit(0, 0, 2.0, 64, 64)
     target_rgb, target_mask = ray_traced_ellipsoid(cam)

@@ -16,14 +16,6 @@ from hash3d_dg.guidance import Zero123Guidance, load_zero123, write_tiny_checkpo
 IMAGE_SIZE = 64  # latent 8 x 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, which stall when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 @pytest.fixture(scope="module")
 def components(tmp_path_factory):
     ckpt = write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-stable-zero123-diffusers")

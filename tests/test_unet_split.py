@@ -13,15 +13,6 @@ PLAIN_LAST = dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded; on a loaded machine OpenMP threads spin badly."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_unet(layers_per_block=1, blocks=CROSS_LAST, block_out_channels=(32, 64), seed=0, **extra):
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(sample_size=8, in_channels=8, out_channels=4,
