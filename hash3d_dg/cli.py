@@ -83,8 +83,9 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
     return pairs + list(args.overrides)
 
 
-def _configure_logging(debug: bool) -> None:
-    handler = logging.StreamHandler(sys.stdout)
+def configure_logging(debug: bool, stream=None) -> None:
+    """Our INFO lines to ``stream`` (stdout by default); library chatter and warnings off."""
+    handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("hash3d_dg")
     root.handlers[:] = [handler]
@@ -123,7 +124,7 @@ def _summary_line(name: str, report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.debug)
+    configure_logging(args.debug)
     log = logging.getLogger("hash3d_dg")
     try:
         from hash3d_dg.config import load_config

@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
 
     args = parser.parse_args(argv)
+    from hash3d_dg.cli import configure_logging
+
+    configure_logging(debug=False, stream=sys.stderr)  # stdout carries the JSON
     if args.command == "flops":
         from hash3d_dg.bench.flops import flops_report
 

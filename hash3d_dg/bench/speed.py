@@ -38,6 +38,35 @@ class _Timed:
         return self.seconds / self.calls if self.calls else 0.0
 
 
+def unet_call_seconds(guidance, repeats: int = 10) -> dict:
+    """Median seconds of one full and one shallow UNet call (a CFG pair), interleaved in one loop
+    so both see the same machine load."""
+    split = guidance.denoiser.model
+    unet = guidance.components.unet
+    latent = guidance.image_size // 8
+    device, dtype = torch.device(guidance.device), unet.dtype
+    sample = torch.randn(2, unet.config.in_channels, latent, latent, device=device, dtype=dtype)
+    timestep = torch.tensor([500, 500], device=device)
+    context = torch.randn(2, 1, unet.config.cross_attention_dim, device=device, dtype=dtype)
+    full_times, shallow_times = [], []
+    with torch.no_grad():
+        _, feature = split.full(sample, timestep, context)  # warm-up and the feature to reuse
+        split.shallow(sample, timestep, context, feature)
+        for _ in range(repeats):
+            for fn, times in ((lambda: split.full(sample, timestep, context), full_times),
+                              (lambda: split.shallow(sample, timestep, context, feature), shallow_times)):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+    full, shallow = sorted(full_times)[repeats // 2], sorted(shallow_times)[repeats // 2]
+    return {"unet_full_s": round(full, 6), "unet_shallow_s": round(shallow, 6),
+            "shallow_to_full": round(shallow / full, 4), "cache_point": list(split.cache_point)}
+
+
 def speed_report(iters: int = 40, iters_refine: int = 8, size: int = 128, unet: str | None = None,
                  vae: str | None = None, device: str = "auto", seed: int = 0, repeats: int = 1,
                  modes=MODES) -> dict:
@@ -76,6 +105,8 @@ def speed_report(iters: int = 40, iters_refine: int = 8, size: int = 128, unet: 
             reports["refine_s_per_call"] = refine_timer.per_call
             timings.append(reports)
         best = min(timings, key=lambda r: r["wall"])
+        if mode == modes[0]:
+            unet_calls = unet_call_seconds(guidance)
         s1, s2 = best["stage1"], best["stage2"]
         results[mode] = {
             "stage1_s_per_iter": round(s1["seconds"] / max(iters, 1), 5),
@@ -93,7 +124,7 @@ def speed_report(iters: int = 40, iters_refine: int = 8, size: int = 128, unet: 
             entry["stage2_ratio_to_off"] = round(entry["stage2_s_per_iter"] / off["stage2_s_per_iter"], 4)
             entry["sds_ratio_to_off"] = round(entry["sds_forward_s_per_call"] / off["sds_forward_s_per_call"], 4)
             entry["refine_ratio_to_off"] = round(entry["refine_s_per_call"] / off["refine_s_per_call"], 4)
-    return {"modes": results, "settings": {"iters": iters, "iters_refine": iters_refine,
+    return {"modes": results, "unet_call": unet_calls, "settings": {"iters": iters, "iters_refine": iters_refine,
                                            "render_size": size, "unet": unet, "vae": vae,
                                            "dtype": str(dtype).replace("torch.", ""),
                                            "guidance_image_size": image_size, "repeats": repeats,
