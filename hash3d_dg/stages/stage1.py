@@ -118,10 +118,7 @@ def run_stage1(ref: ReferenceView, cfg: RunConfig, guidance=None, progress: bool
 
         loss_value = float(loss.detach())
         if progress:
-            postfix = {"loss": f"{loss_value:.4g}", "pts": gaussians.num_points}
-            if use_guidance and guidance.denoiser.cache is not None:
-                postfix["hit"] = f"{meter.hit_rate():.0%}"
-            bar.set_postfix(postfix)
+            bar.set_postfix(meter.postfix(loss_value, pts=gaussians.num_points))
     bar.close()
 
     # DreamGaussian's final clean-up: transparent or oversized (> 0.1 world units) Gaussians.

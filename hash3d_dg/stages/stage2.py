@@ -106,10 +106,7 @@ def run_stage2(mesh: Mesh, ref: ReferenceView, cfg: RunConfig, guidance=None,
         optimizer.zero_grad(set_to_none=True)
         loss_value = float(loss.detach())
         if progress:
-            postfix = {"loss": f"{loss_value:.4g}"}
-            if use_guidance and guidance.denoiser.cache is not None:
-                postfix["hit"] = f"{meter.hit_rate():.0%}"
-            bar.set_postfix(postfix)
+            bar.set_postfix(meter.postfix(loss_value))
     bar.close()
 
     with torch.no_grad():

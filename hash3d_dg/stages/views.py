@@ -53,6 +53,13 @@ class GuidanceMeter:
         calls = (now["full_calls"] - self.start["full_calls"]) + (now["shallow_calls"] - self.start["shallow_calls"])
         return (now["shallow_calls"] - self.start["shallow_calls"]) / calls if calls else 0.0
 
+    def postfix(self, loss: float, **extra) -> dict:
+        """What a stage's progress bar shows: the loss, ``extra``, and the cache hit rate."""
+        postfix = {"loss": f"{loss:.4g}", **extra}
+        if self.guidance is not None and self.guidance.denoiser.cache is not None:
+            postfix["hit"] = f"{self.hit_rate():.0%}"
+        return postfix
+
     def report(self) -> dict:
         now = self._snapshot()
         delta = {k: now[k] - self.start[k] for k in now}
