@@ -15,7 +15,8 @@ texels so bilinear lookups at chart borders stay on the chart colour):
 2. remaining unseen texels take the colour of the nearest valid texel (scipy Euclidean distance
    transform over texel coordinates).
 
-Texels outside the dilated atlas are black.
+Texels outside the dilated atlas are padded the same way (nearest valid texel), so mip-mapped
+lookups never bleed a background colour into the charts.
 """
 
 from __future__ import annotations
@@ -162,7 +163,9 @@ def bake_texture(mesh: Mesh, render_fn: Callable[[Camera], tuple[Tensor, Tensor]
         _, (iy, ix) = ndimage.distance_transform_edt(~valid_np, return_indices=True)
         nearest = torch.as_tensor(iy * size + ix, device=device)
         colour = colour.reshape(-1, 3)[nearest.reshape(-1)].view(size, size, 3)
-    texture = torch.where(mask[..., None], colour, torch.zeros_like(colour))
+    # Every texel outside the atlas also takes its nearest chart colour, so mip-mapped lookups in
+    # viewers (Blender, three.js) and bilinear lookups at chart borders never bleed black.
+    texture = colour
     seen = float((wacc.view(size, size) > 0)[mask].float().mean())
     logger.info("bake: %d views, %.1f%% of atlas texels hit directly", len(views), 100.0 * seen)
     return texture.clamp(0.0, 1.0)
