@@ -92,7 +92,7 @@ def test_stale_feature_from_another_camera_costs_quality(scene, alphas):
     out = oracle.shallow(x_t, t, here, stale)
     assert float((out - eps).abs().mean()) > 0.02
     # the error is exactly the x0 mismatch scaled by sqrt(ab / (1 - ab))
-    expected = math.sqrt(ab / (1 - ab)) * (x0 - stale)
+    expected = math.sqrt(ab / (1 - ab)) * (stale - x0)
     assert torch.allclose(eps - out, expected, atol=1e-4)
 
     # Through the real cache: a cached neighbour is reused (shallow call) and is wrong by the same.
@@ -155,13 +155,9 @@ def resolve_config_strengths(iters: int) -> list[float]:
     return [0.8 + min(1.0, k / iters) * (0.95 - 0.8) for k in range(1, iters + 1)]
 
 
-def test_report_structure(monkeypatch):
-    import hash3d_dg.bench.oracle as oracle_mod
-
-    monkeypatch.setattr(oracle_mod, "ETA_SWEEP", (0.1, 0.6))
-    monkeypatch.setattr(oracle_mod, "GRID_SWEEP", ((30.0, 0.2),))
+def test_report_structure():
     report = oracle_report(iters=20, iters_refine=2, modes=("off", "paper"), sweeps=True, seed=0,
-                           size="tiny", eval_views=4)
+                           size="tiny", etas=(0.1, 0.6), grid_sizes=(30,), eval_views=4)
     assert set(report) == {"modes", "sweeps", "settings"}
     assert set(report["modes"]) == {"off", "paper"}
     off, paper = report["modes"]["off"], report["modes"]["paper"]
@@ -173,4 +169,17 @@ def test_report_structure(monkeypatch):
     assert [e["eta"] for e in report["sweeps"]["eta"]] == [0.1, 0.6]
     assert report["sweeps"]["eta"][0]["psnr"] == paper["psnr"]  # eta 0.1 is the paper preset
     assert report["sweeps"]["grid"][0]["grid"] == [30.0, 30.0, 0.2, 30.0]
+    assert report["settings"]["runs"] == 4  # off, paper (= eta 0.1), eta 0.6, grid 30
     assert report["settings"]["ref_size"] == 32 and report["settings"]["eval_views"] == 4
+    # a higher retrieval probability serves more calls from the cache
+    assert report["sweeps"]["eta"][1]["unet_shallow_calls"] > paper["unet_shallow_calls"]
+
+
+def test_parallel_jobs_give_the_same_report():
+    kwargs = dict(iters=12, iters_refine=1, modes=("off", "official"), sweeps=False, seed=1,
+                  size="tiny", eval_views=2)
+    serial = oracle_report(**kwargs)
+    parallel = oracle_report(jobs=2, **kwargs)
+    for mode in ("off", "official"):
+        for key in ("psnr", "ssim", "mask_iou", "unet_full_calls", "unet_shallow_calls"):
+            assert serial["modes"][mode][key] == parallel["modes"][mode][key], (mode, key)

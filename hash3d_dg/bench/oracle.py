@@ -46,8 +46,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -75,21 +77,24 @@ SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_en
 #: own resolutions; ``tiny``: tests.
 SIZES: dict[str, dict[str, Any]] = {
     "cpu": dict(ref_size=128, render_res=[128, 128, 128], guidance_size=128, stage2_render_res=128,
-                mesh_resolution=96, texture_size=256, bake_render_size=128, eval_size=128,
+                mesh_resolution=96, texture_size=1024, bake_render_size=128, eval_size=128,
                 num_pts=5000, scene_texture=512, ssaa=2, device="auto"),
     "full": dict(ref_size=256, render_res=[128, 256, 512], guidance_size=256, stage2_render_res=512,
                  mesh_resolution=128, texture_size=1024, bake_render_size=512, eval_size=256,
                  num_pts=5000, scene_texture=1024, ssaa=2, device="auto"),
     "tiny": dict(ref_size=32, render_res=[32, 32, 32], guidance_size=32, stage2_render_res=32,
-                 mesh_resolution=24, texture_size=32, bake_render_size=32, eval_size=32,
+                 mesh_resolution=24, texture_size=64, bake_render_size=32, eval_size=32,
                  num_pts=500, scene_texture=64, ssaa=1, device="cpu"),
 }
-SETTING_KEYS = tuple(SIZES["cpu"]) + ("sds_scale", "eval_views", "eval_elevation")
+SETTING_KEYS = tuple(SIZES["cpu"]) + ("sds_scale", "eval_views", "eval_elevation", "threads")
+#: torch intra-op threads during the benchmark: the stages' many small CPU ops run fastest on one
+#: thread, and several threads on a shared 2-core machine were measured ~8x slower.
+DEFAULT_THREADS = 1
 DEFAULT_SDS_SCALE = 1.0
 EVAL_VIEWS = 16
 EVAL_ELEVATION = -30.0  # 30 degrees looking from above (negative elevation looks down)
 ETA_SWEEP = (0.1, 0.3, 0.5, 0.7)
-GRID_SWEEP = ((10.0, 0.1), (20.0, 0.15), (30.0, 0.2))  # (deg == steps, radius) per fixed grid
+GRID_SIZES = (10.0, 20.0, 30.0)  # degrees (and timesteps) of the single fixed grids
 MODES = ("off", "paper", "official")
 
 
@@ -266,7 +271,7 @@ def resolve_settings(size: str = "cpu", **overrides) -> dict:
     if unknown:
         raise ValueError(f"unknown oracle setting(s): {', '.join(unknown)}")
     settings = dict(SIZES[size], size=size, sds_scale=DEFAULT_SDS_SCALE, eval_views=EVAL_VIEWS,
-                    eval_elevation=EVAL_ELEVATION)
+                    eval_elevation=EVAL_ELEVATION, threads=DEFAULT_THREADS)
     settings.update(overrides)
     return settings
 
@@ -385,58 +390,100 @@ def _summary(result: dict) -> dict:
     return {k: result[k] for k in keys}
 
 
+def grid_for(degrees: float) -> list[float]:
+    """A single fixed grid ``[d_az, d_el, d_r, d_t]`` of ``degrees`` (and as many timesteps),
+    with the paper's matching radius step (10 -> 0.1, 20 -> 0.15, 30 -> 0.2)."""
+    degrees = float(degrees)
+    return [degrees, degrees, round(0.1 + 0.005 * (degrees - 10.0), 4), degrees]
+
+
+def _run_job(args: tuple) -> dict:
+    """One run in a worker process (the scene is rebuilt there; runs are deterministic)."""
+    hcfg, settings, iters, iters_refine, seed = args
+    if settings["threads"]:
+        torch.set_num_threads(int(settings["threads"]))
+    scene = OracleScene.default(texture_size=int(settings["scene_texture"]), ssaa=int(settings["ssaa"]))
+    return run_oracle_once(scene, hcfg, settings, iters, iters_refine, seed, progress=False)
+
+
 def oracle_report(iters: int = 500, iters_refine: int = 50, modes: Sequence[str] = MODES,
                   sweeps: bool = True, seed: int = 0, progress: bool = False, size: str = "cpu",
-                  **size_overrides) -> dict:
+                  etas: Sequence[float] = ETA_SWEEP, grid_sizes: Sequence[float] = GRID_SIZES,
+                  jobs: int = 1, **size_overrides) -> dict:
     """The oracle benchmark: one run per Hash3D mode, plus (``sweeps``) the paper's ablations
-    (Table 3 / Fig. 8): retrieval probability eta and single fixed grids, both in paper mode.
+    (Table 3 / Fig. 8), both on the paper preset: retrieval probability ``etas``, and single
+    fixed (non-adaptive) grids of ``grid_sizes`` degrees (``grid_for``).
+
+    Every run uses the same seed (same novel views, same noise) and the same ``RunConfig``
+    except its Hash3D section; identical configurations run once. ``jobs > 1`` runs that many
+    configurations at once in worker processes (each on ``threads`` threads).
 
     Returns ``{"modes": {mode: {...}}, "sweeps": {"eta": [...], "grid": [...]}, "settings": {...}}``.
     """
     settings = resolve_settings(size, **size_overrides)
-    scene = OracleScene.default(texture_size=int(settings["scene_texture"]), ssaa=int(settings["ssaa"]))
-    done: list[tuple[dict, dict]] = []  # (hash3d config, result): identical runs are not repeated
+    configs: list[Hash3DConfig] = []
 
-    def run(hcfg: Hash3DConfig) -> dict:
-        key = dataclass_dict(hcfg)
-        for other, result in done:
-            if other == key:
-                return result
-        result = run_oracle_once(scene, hcfg, settings, iters, iters_refine, seed, progress)
-        done.append((key, result))
-        return result
+    def index_of(hcfg: Hash3DConfig) -> int:
+        key = dataclasses.asdict(hcfg)
+        for i, other in enumerate(configs):
+            if dataclasses.asdict(other) == key:
+                return i
+        configs.append(hcfg)
+        return len(configs) - 1
 
-    report: dict = {"modes": {}, "sweeps": {"eta": [], "grid": []}}
-    for mode in modes:
-        report["modes"][mode] = run(Hash3DConfig.preset(mode))
-    if sweeps:
-        for eta in ETA_SWEEP:
-            report["sweeps"]["eta"].append({"eta": eta, **_summary(run(Hash3DConfig.preset("paper", eta=eta)))})
-        for delta, d_radius in GRID_SWEEP:
-            hcfg = Hash3DConfig.preset("paper", grids=[[delta, delta, d_radius, delta]], adaptive=False)
-            report["sweeps"]["grid"].append({"grid": [delta, delta, d_radius, delta],
-                                             **_summary(run(hcfg))})
+    mode_runs = {mode: index_of(Hash3DConfig.preset(mode)) for mode in modes}
+    eta_runs = [(float(eta), index_of(Hash3DConfig.preset("paper", eta=float(eta))))
+                for eta in (etas if sweeps else ())]
+    grid_runs = [(grid_for(d), index_of(Hash3DConfig.preset("paper", grids=[grid_for(d)], adaptive=False)))
+                 for d in (grid_sizes if sweeps else ())]
+
+    start = time.perf_counter()
+    threads = torch.get_num_threads()
+    try:
+        if settings["threads"]:
+            torch.set_num_threads(int(settings["threads"]))
+        if jobs > 1 and len(configs) > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(max_workers=min(jobs, len(configs)),
+                                     mp_context=multiprocessing.get_context("spawn")) as pool:
+                results = list(pool.map(_run_job, [(h, settings, iters, iters_refine, seed) for h in configs]))
+        else:
+            scene = OracleScene.default(texture_size=int(settings["scene_texture"]),
+                                        ssaa=int(settings["ssaa"]))
+            results = [run_oracle_once(scene, h, settings, iters, iters_refine, seed, progress)
+                       for h in configs]
+    finally:
+        torch.set_num_threads(threads)
+
+    report: dict = {
+        "modes": {mode: results[i] for mode, i in mode_runs.items()},
+        "sweeps": {"eta": [{"eta": eta, **_summary(results[i])} for eta, i in eta_runs],
+                   "grid": [{"grid": grid, **_summary(results[i])} for grid, i in grid_runs]},
+    }
     report["settings"] = {
-        "iters": iters, "iters_refine": iters_refine, "seed": seed, **settings,
+        "iters": iters, "iters_refine": iters_refine, "seed": seed, **settings, "jobs": jobs,
+        "runs": len(configs), "total_seconds": round(time.perf_counter() - start, 1),
         "reference_view": {"elevation": 0.0, "azimuth": 0.0, "radius": 2.0},
         "evaluation": (f"{settings['eval_views']} views at elevation {settings['eval_elevation']} "
-                       "(30 deg looking from above), azimuths evenly spaced from 0; final mesh vs "
-                       "ground truth over white; PSNR/SSIM of RGB, IoU of alpha > 0.5"),
+                       "(30 deg looking from above), azimuths evenly spaced from 0, "
+                       f"{settings['eval_size']} px; final mesh vs ground truth, both over white; "
+                       "PSNR and SSIM of RGB, IoU of alpha > 0.5; stage1_* score the Gaussians, "
+                       "mesh_* the baked mesh before stage 2"),
         "sweeps": {"eta": "paper preset with eta overridden",
                    "grid": "paper preset, one fixed grid [d_az, d_el, d_r, d_t], adaptive off"},
-        "stage1": "invert_bg_prob=0 (renders always over white); other stage settings are RunConfig defaults",
+        "stages": ("real run_stage1 / extract_textured_mesh / run_stage2 with RunConfig defaults "
+                   "except the sizes above and stage1.invert_bg_prob=0 (renders always over white)"),
+        "sds_scale": f"{settings['sds_scale']} x 0.5 * sum over guidance pixels in [-1, 1] (lambda_zero123 = 1)",
         "notes": ("oracle deep feature = clean ground-truth render of the conditioning camera, so "
                   "reuse costs quality only across cameras (not across timesteps or along a "
                   "trajectory); the oracle's full-call cost is a ground-truth render, so seconds "
                   "measure the harness, not a UNet"),
+        "machine": {"torch": torch.__version__, "cuda": torch.cuda.is_available(),
+                    "cpu_count": os.cpu_count()},
     }
     return report
-
-
-def dataclass_dict(obj) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(obj)
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -450,10 +497,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", default="cpu", choices=list(SIZES),
                         help="resolution preset: cpu (128 px renders, default), full (DreamGaussian's), tiny")
+    parser.add_argument("--etas", type=float, nargs="+", default=list(ETA_SWEEP),
+                        help="retrieval probabilities of the eta sweep (default 0.1 0.3 0.5 0.7)")
+    parser.add_argument("--grid-sizes", type=float, nargs="+", default=list(GRID_SIZES),
+                        help="degrees of the fixed-grid sweep (default 10 20 30)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="configurations run at once in worker processes (default 1)")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                        help="torch CPU threads during the runs (default 1; 0 keeps torch's setting)")
     parser.add_argument("--progress", action="store_true", help="show the stages' progress bars")
 
 
 def run_from_args(args: argparse.Namespace) -> dict:
     return oracle_report(iters=args.iters, iters_refine=args.iters_refine, modes=tuple(args.modes),
                          sweeps=not args.no_sweeps, seed=args.seed, progress=args.progress,
-                         size=args.size)
+                         size=args.size, etas=tuple(args.etas), grid_sizes=tuple(args.grid_sizes),
+                         jobs=args.jobs, threads=args.threads)
