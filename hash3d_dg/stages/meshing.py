@@ -23,7 +23,7 @@ def extract_textured_mesh(gaussians: GaussianModel, cfg: RunConfig,
         mesh = extract_mesh(gaussians.density, bound=m.bound, resolution=m.resolution,
                             threshold=m.density_thresh, decimate_target=m.decimate_target,
                             device=gaussians.get_means.device)
-        mesh = mesh.unwrap_uv()
+        mesh = mesh.unwrap_uv(texture_size=m.texture_size)
         background = torch.ones(3, device=gaussians.get_means.device)
 
         def render_fn(camera):
