@@ -10,6 +10,7 @@ import copy
 import logging
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,8 +61,6 @@ def tiny_model_dir(family: str = "stable", seed: int = 0) -> Path:
         try:
             os.replace(staging, target)
         except OSError:  # another process won the race
-            import shutil
-
             shutil.rmtree(staging, ignore_errors=True)
     return target
 
@@ -148,7 +147,7 @@ def _merge_unet_totals(*sections: dict) -> dict:
             "hit_rate": round(shallow / (full + shallow), 4) if full + shallow else 0.0}
 
 
-def _load_stage1_result(out: OutputFolder, name: str, cfg: RunConfig, device) -> tuple[PreparedImage, object]:
+def _load_stage1_result(out: OutputFolder, name: str, device) -> tuple[PreparedImage, object]:
     ply = out.final_path(f"{name}_gaussians.ply")
     rgba_png = out.final_path(f"{name}_rgba.png")
     if not ply.is_file() or not rgba_png.is_file():
@@ -183,7 +182,7 @@ def run_image(image_path: str | Path, ctx: RunContext, output_root: str | Path =
         # 1. Preprocess (or reuse a stage-1 result).
         t0 = time.perf_counter()
         if stage == "2":
-            prepared, gaussians = _load_stage1_result(out, name, cfg, ctx.device)
+            prepared, gaussians = _load_stage1_result(out, name, ctx.device)
         else:
             prepared = prepare_image(image_path, size=cfg.stage1.ref_size, matting=cfg.matting)
             gaussians = None
