@@ -205,7 +205,7 @@ def run_image(image_path: str | Path, ctx: RunContext, output_root: str | Path =
 
         # 3. Mesh and 4. stage 2; 5. export.
         if stage in ("all", "2"):
-            mesh, report["mesh"] = extract_textured_mesh(gaussians, cfg, ctx.gaussian_backend)
+            mesh, report["mesh"] = extract_textured_mesh(gaussians, cfg)
             if guidance is not None and guidance.denoiser.cache is not None:
                 guidance.denoiser.cache.clear()  # stage 2 starts with an empty table
             s2 = run_stage2(mesh, ref, cfg, guidance, progress=ctx.progress)

@@ -335,7 +335,7 @@ def run_oracle_once(scene: OracleScene, hash3d: Hash3DConfig, settings: dict, it
     guidance.set_reference(ref.image_nchw(), cfg.elevation)
 
     s1 = run_stage1(ref, cfg, guidance, progress=progress)
-    mesh, mesh_report = extract_textured_mesh(s1.gaussians, cfg, ctx.gaussian_backend)
+    mesh, mesh_report = extract_textured_mesh(s1.gaussians, cfg)
     if denoiser.cache is not None:
         denoiser.cache.clear()  # stage 2 starts with an empty table, as in the pipeline
     s2 = run_stage2(mesh, ref, cfg, guidance, progress=progress)
