@@ -71,13 +71,30 @@ def test_reference_conditioning(components, reference):
     with torch.no_grad():
         # The VAE latent is taken unscaled (no scaling factor), from the posterior mode.
         expected_lat = components.vae.encode(resized * 2 - 1).latent_dist.mode()
-        pixels = (resized[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        # DreamGaussian's to_pil_image: mul(255) then truncation to 8 bits (not rounding).
+        pixels = np.floor(resized[0].permute(1, 2, 0).numpy() * np.float32(255)).astype(np.uint8)
         clip_in = components.feature_extractor(images=Image.fromarray(pixels), return_tensors="pt")["pixel_values"]
         expected_emb = components.image_encoder(pixel_values=clip_in).image_embeds
     assert guidance.ref_latents.shape == (1, 4, IMAGE_SIZE // 8, IMAGE_SIZE // 8)
     torch.testing.assert_close(guidance.ref_latents, expected_lat)
     assert guidance.ref_embeddings.shape == (1, 1, expected_emb.shape[-1])
     torch.testing.assert_close(guidance.ref_embeddings[:, 0], expected_emb)
+
+
+def test_reference_quantisation_truncates(components):
+    # 0.999 * 255 = 254.7: DreamGaussian's conversion gives 254, rounding would give 255.
+    flat = torch.full((1, 3, IMAGE_SIZE, IMAGE_SIZE), 0.999)
+    captured = []
+    extractor = components.feature_extractor
+
+    class Recorder:
+        def __call__(self, images, **kwargs):
+            captured.append(np.asarray(images[0]))
+            return extractor(images=images, **kwargs)
+
+    guidance = make_guidance(dataclasses.replace(components, feature_extractor=Recorder()), flat)
+    assert guidance.ref_embeddings is not None
+    assert captured and int(captured[0].max()) == 254 and int(captured[0].min()) == 254
 
 
 def test_camera_embedding_both_families(components, reference):

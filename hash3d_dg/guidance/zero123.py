@@ -151,7 +151,8 @@ class Zero123Guidance:
         if image.ndim != 4 or image.shape[0] != 1:
             raise ValueError(f"expected a reference image [1, 3, H, W], got {tuple(image.shape)}")
         x = self._resize(image).clamp(0.0, 1.0)
-        pixels = (x[0].permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
+        # 8 bits by truncation, as DreamGaussian's torchvision ``to_pil_image`` (``mul(255).byte()``).
+        pixels = x[0].mul(255.0).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
         clip_in = self.components.feature_extractor(images=[Image.fromarray(pixels)], return_tensors="pt")
         pixel_values = clip_in["pixel_values"].to(self.device, self.dtype)
         embeds = self.components.image_encoder(pixel_values=pixel_values).image_embeds  # [1, D]
