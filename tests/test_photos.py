@@ -245,3 +245,16 @@ def test_tiny_object_is_found_and_enlarged(tmp_path):
     assert abs((cols[0] + cols[-1]) / 2 - (size - 1) / 2) <= 1.5
     assert alpha.sum() == pytest.approx(np.pi * (0.4 * size) ** 2, rel=0.05)
     np.testing.assert_allclose(prepared.rgba[visible][:, :3].mean(0), [0.9, 0.1, 0.1], atol=0.02)
+
+
+def test_exif_orientation_survives_downscaling(tmp_path):
+    # A portrait phone photo: stored landscape (4000 x 3000) with EXIF orientation 6 (rotate 90 CW).
+    image = Image.new("RGB", (4000, 3000), (255, 255, 255))
+    ImageDraw.Draw(image).rectangle([0, 0, 999, 2999], fill=(255, 0, 0))  # red: stored left quarter
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "phone.jpg", exif=exif.tobytes(), quality=90)
+    pixels = load_image(tmp_path / "phone.jpg", max_side=1000)
+    assert pixels.shape == (1000, 750, 3)  # upright portrait, downscaled
+    # Rotating 90 degrees clockwise puts the stored left edge at the top.
+    assert pixels[:200].mean(axis=(0, 1))[1] < 0.1 and pixels[-200:].mean(axis=(0, 1))[1] > 0.9
