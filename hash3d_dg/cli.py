@@ -2,7 +2,12 @@
 
 Flags are turned into config overrides on top of the YAML config; trailing ``key=value`` words
 override any config key (``stage1.iters=300``, ``hash3d.eta=0.2``). A problem the user can fix
-ends with one line on stderr and exit status 2; nothing half-written is left behind.
+ends with one line on stderr and exit status 2; nothing half-written is left behind. A folder
+(or several images) is run by ``pipeline.iter_images``, one image after the other from the same
+fresh state; the run ends with a table of every input, its status and error line, and exit
+status 2 if any failed. SIGINT (Ctrl-C) and SIGTERM stop a run with one line and exit status
+130 / 143: the current image's staging folder and child processes are removed, an earlier result
+of the same name is untouched, and images already finished stay.
 """
 
 from __future__ import annotations
