@@ -361,13 +361,17 @@ def _in_range(key: str, value: float, low: float | None, high: float | None,
           and (high is None or (value < high if high_open else value <= high)))
     if ok:
         return None
+
+    def fmt(bound: float) -> str:
+        return str(int(bound)) if float(bound).is_integer() and abs(bound) < 1e15 else f"{bound:g}"
+
     if low is not None and high is not None:
-        allowed = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        allowed = f"{'(' if low_open else '['}{fmt(low)}, {fmt(high)}{')' if high_open else ']'}"
         text = f"must lie in {allowed}"
     elif low is not None:
-        text = f"must be {'>' if low_open else '>='} {low:g}"
+        text = f"must be {'>' if low_open else '>='} {fmt(low)}"
     else:
-        text = f"must be {'<' if high_open else '<='} {high:g}"
+        text = f"must be {'<' if high_open else '<='} {fmt(high)}"
     return f"{key}={value!r} is out of range: it {text}{unit}"
 
 
@@ -375,6 +379,7 @@ def validate(cfg: RunConfig) -> None:
     """Range checks that a type check cannot express; the message names the value and the range."""
     s1, s2, m, g, o = cfg.stage1, cfg.stage2, cfg.mesh, cfg.guidance, cfg.output
     ranges = [
+        ("seed", cfg.seed, 0, 2**32 - 1, False, False, ""),
         ("elevation", cfg.elevation, -90, 90, True, True, " degrees"),
         ("radius", cfg.radius, 0, None, True, False, ""),
         ("fovy", cfg.fovy, 0, 180, True, True, " degrees"),

@@ -124,6 +124,7 @@ def test_scientific_notation_in_yaml_files(tmp_path):
     ("stage2.render_res=0", ["stage2.render_res=0", ">= 8"]),
     ("stage1.render_res=[64,0,64]", ["stage1.render_res[1]=0", ">= 8"]),
     ("stage2.geom_lr=-1e-4", ["stage2.geom_lr=-0.0001", ">= 0"]),
+    ("seed=-1", ["seed=-1", "[0, 4294967295]"]),
     ("stage1.lambda_rgb=nan", ["finite"]),
     ("stage1.feature_lr=inf", ["finite"]),
 ])
