@@ -304,7 +304,7 @@ def iter_images(images: list[Path], ctx: RunContext, output_root: str | Path = "
         except UserError as exc:
             yield ImageResult(image, name, "failed", f"error: {exc}")
             if not isinstance(exc, (InputError, DivergenceError)) or isinstance(exc, ConfigError):
-                stop_reason = f"not run: an earlier input failed with a setup error ({name})"
+                stop_reason = f"{name} failed with a setup error that would fail this input too"
             continue
         except Exception as exc:  # noqa: BLE001 - last line of defence: one line, no traceback
             if debug:

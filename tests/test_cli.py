@@ -283,3 +283,20 @@ def test_diverging_run_stops_with_one_line_and_writes_nothing(tmp_path, monkeypa
     assert sorted(p.name for p in out.iterdir()) == ["ball"]
     assert [p.name for p in (out / "ball").iterdir()] == ["ball.glb"]
     assert (out / "ball" / "ball.glb").read_bytes() == b"earlier"
+
+
+def test_a_setup_error_in_a_folder_marks_the_rest_not_run(tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        (folder / name).write_bytes(sample_image().read_bytes())
+    code = main(["--image", str(folder), "--config", SMOKE, "--output", str(tmp_path / "logs"), "--quiet",
+                 "--model", str(tmp_path / "no_model_here")])
+    captured = capfd.readouterr()
+    err = captured.err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no_model_here" in err[0]
+    rows = captured.out[captured.out.index("input  "):].splitlines()[1:]
+    assert [row.split()[1] for row in rows] == ["failed", "not"]  # "not run"
+    assert "a failed with a setup error" in rows[1]
+    assert not (tmp_path / "logs" / "a").exists() and not (tmp_path / "logs" / "b").exists()
