@@ -2,22 +2,31 @@
 
 Flags are turned into config overrides on top of the YAML config; trailing ``key=value`` words
 override any config key (``stage1.iters=300``, ``hash3d.eta=0.2``). A problem the user can fix
-ends with one line on stderr and exit status 2; nothing half-written is left behind.
+ends with one line on stderr and exit status 2; nothing half-written is left behind. A folder
+(or several images) is run by ``pipeline.iter_images``, one image after the other from the same
+fresh state; the run ends with a table of every input, its status and error line, and exit
+status 2 if any failed. SIGINT (Ctrl-C) and SIGTERM stop a run with one line and exit status
+130 / 143: the current image's staging folder and child processes are removed, an earlier result
+of the same name is untouched, and images already finished stay.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
 
-from hash3d_dg.errors import ConfigError, InputError, UserError
+from hash3d_dg.errors import ConfigError, RunInterrupted, UserError
 
 DEFAULT_CONFIG = "image.yaml"
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, as a shell reports Ctrl-C
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,7 +93,11 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
 
 
 def configure_logging(debug: bool, stream=None) -> None:
-    """Our INFO lines to ``stream`` (stdout by default); library chatter and warnings off."""
+    """Our INFO lines to ``stream`` (stdout by default); library chatter and warnings off.
+
+    Imports no model library (``--help`` and config errors must stay fast): diffusers and
+    transformers are quietened by :func:`quiet_model_libraries` once a run really starts.
+    """
     handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("hash3d_dg")
@@ -95,16 +108,108 @@ def configure_logging(debug: bool, stream=None) -> None:
         warnings.filterwarnings("ignore")
         for name in ("diffusers", "transformers", "huggingface_hub"):
             logging.getLogger(name).setLevel(logging.ERROR)
-        try:
-            import diffusers
-            import transformers
 
-            diffusers.utils.logging.set_verbosity_error()
-            transformers.utils.logging.set_verbosity_error()
-            diffusers.utils.logging.disable_progress_bar()
-            transformers.utils.logging.disable_progress_bar()
-        except ImportError:
-            pass
+
+def quiet_model_libraries(debug: bool) -> None:
+    """diffusers' and transformers' own verbosity and progress bars off (unless ``debug``)."""
+    if debug:
+        return
+    try:
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+class _SignalGuard:
+    """SIGINT and SIGTERM raise ``RunInterrupted`` in the main thread for the block.
+
+    The exception unwinds the run like any other: the staging folder is removed, child processes
+    are killed by ``subprocess``, and an earlier result is never touched. A second signal while
+    that clean-up runs is ignored, so the clean-up finishes. A SIGINT that the parent process set
+    to be ignored (a background job of a non-interactive shell) stays ignored.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.previous: dict[int, object] = {}
+        self.fired = False
+
+    def _handler(self, signum, frame) -> None:
+        if self.fired:
+            return
+        self.fired = True
+        raise RunInterrupted(signum)
+
+    def __enter__(self) -> "_SignalGuard":
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signals are only delivered to the main thread
+        for signum in self.SIGNALS:
+            current = signal.getsignal(signum)
+            if signum == signal.SIGINT and current == signal.SIG_IGN:
+                continue
+            self.previous[signum] = current
+            signal.signal(signum, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def _interrupt_line(exc: BaseException, current: str | None, finished: list[str]) -> str:
+    name = exc.signal_name if isinstance(exc, RunInterrupted) else "SIGINT"
+    where = f"nothing was written for {current}" if current else "nothing was written"
+    kept = f"; {len(finished)} finished input(s) kept: {', '.join(finished)}" if finished else ""
+    return f"error: interrupted by {name}: {where}{kept}"
+
+
+def _check_output_root(root: Path) -> None:
+    """The output root must be a folder we can create and write in (one line otherwise)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"output root {root} exists and is not a folder: pass a folder with --output") from None
+    except OSError as exc:
+        raise ConfigError(f"output root {root} cannot be created ({exc.strerror or exc}): "
+                          "pass a writable folder with --output") from None
+    if not root.is_dir():
+        raise ConfigError(f"output root {root} is not a folder: pass a folder with --output")
+    try:
+        probe = tempfile.TemporaryDirectory(prefix=".write-test-", dir=root)
+        probe.cleanup()
+    except OSError as exc:
+        raise ConfigError(f"output root {root} is not writable ({exc.strerror or exc}): "
+                          "pass a writable folder with --output") from None
+
+
+def split_image_words(words: list[str]) -> tuple[list[str], list[str]]:
+    """``--image`` takes several words, so ``--image a.png stage1.iters=3`` swallows the
+    override: a word that is not an existing path and looks like ``key=value`` is an override."""
+    images, overrides = [], []
+    for word in words:
+        key = word.split("=", 1)[0]
+        if "=" in word and not Path(word).exists() and key and all(c.isalnum() or c in "._-" for c in key):
+            overrides.append(word)
+        else:
+            images.append(word)
+    return images, overrides
+
+
+def format_table(results) -> str:
+    """The end-of-folder table: every input with its status and error line."""
+    rows = [(str(r.image), r.status, r.error) for r in results]
+    width_in = max(len("input"), *(len(r[0]) for r in rows))
+    width_st = max(len("status"), *(len(r[1]) for r in rows))
+    lines = [f"{'input':<{width_in}}  {'status':<{width_st}}  error"]
+    lines += [f"{i:<{width_in}}  {st:<{width_st}}  {err}".rstrip() for i, st, err in rows]
+    return "\n".join(lines)
 
 
 def _summary_line(name: str, report: dict) -> str:
@@ -126,55 +231,58 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(args.debug)
     log = logging.getLogger("hash3d_dg")
+    current: str | None = None
+    finished: list[str] = []
     try:
-        from hash3d_dg.config import load_config
-        from hash3d_dg.preprocess import find_images
+        with _SignalGuard():
+            try:
+                from hash3d_dg.config import load_config
+                from hash3d_dg.preprocess import find_images
 
-        cfg = load_config(args.config, overrides_from_args(args))
-        images: list[Path] = []
-        for item in args.image:
-            images += find_images(item)
-        if args.name and len(images) > 1:
-            raise ConfigError("--name needs a single input image")
-        from hash3d_dg.pipeline import RunContext, run_image
+                image_words, extra = split_image_words(args.image)
+                if not image_words:
+                    raise ConfigError("--image needs at least one image or folder")
+                args.overrides = extra + list(args.overrides)
+                cfg = load_config(args.config, overrides_from_args(args))
+                images: list[Path] = []
+                for item in image_words:
+                    images += find_images(item)
+                if args.name and len(images) > 1:
+                    raise ConfigError("--name needs a single input image")
+                _check_output_root(Path(args.output))
+                quiet_model_libraries(args.debug)
+                from hash3d_dg.pipeline import RunContext, image_name, iter_images
 
-        ctx = RunContext.create(cfg, progress=not args.quiet)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+                ctx = RunContext.create(cfg, progress=not args.quiet)
+            except UserError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return EXIT_USER_ERROR
 
-    log.info(ctx.describe())
-    succeeded, failed = [], []
-    started = time.perf_counter()
-    for image in images:
-        name = args.name or image.stem.removesuffix("_rgba")
-        try:
-            log.info(f"[{name}] {image}")
-            report = run_image(image, ctx, args.output, name=name, stage=args.stage)
-        except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            failed.append(image)
-            if isinstance(exc, ConfigError) or not isinstance(exc, InputError):
-                break  # a model or config problem fails every other input the same way
-            continue
-        except KeyboardInterrupt:
-            print("error: interrupted; nothing was written for the current input", file=sys.stderr)
-            return 130
-        except Exception as exc:  # noqa: BLE001 - last line of defence: one line, no traceback
-            if args.debug:
-                raise
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            print(f"error: internal error on {image}: {type(exc).__name__}: {first} "
-                  "(rerun with --debug for details)", file=sys.stderr)
-            failed.append(image)
-            continue
-        succeeded.append(image)
-        log.info(_summary_line(name, report))
-        log.info("outputs: " + ", ".join(sorted(Path(p).name for p in report["outputs"].values()))
-                 + f" in {Path(args.output) / name}")
+            log.info(ctx.describe())
+            names = [args.name or image_name(image) for image in images]
+            results = []
+            started = time.perf_counter()
+            current = names[0]
+            for result in iter_images(images, ctx, args.output, names=names, stage=args.stage,
+                                      debug=args.debug):
+                results.append(result)
+                if result.status == "ok":
+                    finished.append(result.name)
+                    log.info(_summary_line(result.name, result.report))
+                    log.info("outputs: " + ", ".join(sorted(Path(p).name for p in result.report["outputs"].values()))
+                             + f" in {Path(args.output) / result.name}")
+                elif result.status == "failed":
+                    print(result.error, file=sys.stderr)
+                current = names[len(results)] if len(results) < len(names) else None
+    except (KeyboardInterrupt, RunInterrupted) as exc:
+        print(_interrupt_line(exc, current, finished), file=sys.stderr)
+        return exc.exit_code if isinstance(exc, RunInterrupted) else EXIT_INTERRUPTED
+
+    failed = [r for r in results if r.status != "ok"]
     if len(images) > 1:
-        log.info(f"done in {time.perf_counter() - started:.1f}s: {len(succeeded)} succeeded, "
-                 f"{len(failed)} failed" + (": " + ", ".join(str(f) for f in failed) if failed else ""))
+        log.info(f"done in {time.perf_counter() - started:.1f}s: {len(finished)} succeeded, "
+                 f"{len(failed)} failed")
+        log.info(format_table(results))
     return 0 if not failed else EXIT_USER_ERROR
 
 

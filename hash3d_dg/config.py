@@ -19,6 +19,8 @@ preset and every other key given overrides that preset's value.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +28,33 @@ from typing import Any
 
 import yaml
 
-from hash3d_dg.cache.config import Hash3DConfig
 from hash3d_dg.errors import ConfigError
+
+
+def _hash3d_config_class() -> type:
+    """``hash3d_dg.cache.config.Hash3DConfig`` without running ``hash3d_dg.cache/__init__``.
+
+    That package imports the UNet wrapper and with it diffusers (seconds of CPU); ``--help`` and a
+    config error must answer without it. The module itself only needs ``dataclasses``, so it is
+    loaded from its file and registered under its own name: a later ``import hash3d_dg.cache``
+    finds it in ``sys.modules`` and uses the very same class.
+    """
+    name = "hash3d_dg.cache.config"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(
+            name, Path(__file__).resolve().parent / "cache" / "config.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return module.Hash3DConfig
+
+
+Hash3DConfig = _hash3d_config_class()
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 TINY_MODEL = "builtin:tiny"  # the built-in tiny random checkpoint (smoke runs, tests)
@@ -145,6 +172,38 @@ def _expected_type(owner: type, f: dataclasses.Field) -> Any:
     return hints.get(f.name, type(f.default))
 
 
+def _as_number(key: str, value: Any, what: str) -> float:
+    """``value`` as a float: a YAML number, or a string Python's ``float()`` reads (YAML 1.1 reads
+    ``1e-4`` and ``1.0e-3`` as strings); booleans are not numbers."""
+    if isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' expects {what}, got {value!r}")
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise ConfigError(f"config key '{key}' expects {what}, got {value!r}") from None
+    else:
+        raise ConfigError(f"config key '{key}' expects {what}, got {value!r}")
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ConfigError(f"config key '{key}' expects a finite number, got {value!r}")
+    return number
+
+
+def _numeric_text(value: Any) -> Any:
+    """An element of an untyped list: numeric text (``'1e-3'``) becomes a number, else unchanged."""
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            return value
+        return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
+    if isinstance(value, list):
+        return [_numeric_text(v) for v in value]
+    return value
+
+
 def _coerce(key: str, value: Any, expected: Any) -> Any:
     origin = typing.get_origin(expected)
     if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
@@ -160,21 +219,25 @@ def _coerce(key: str, value: Any, expected: Any) -> Any:
                 continue
         raise ConfigError(f"config key '{key}' has the wrong type: got {value!r}")
     if expected in (list, typing.List) or origin is list:
-        if isinstance(value, (list, tuple)):
-            return list(value)
-        raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        args = typing.get_args(expected)
+        if args:
+            return [_coerce(key, v, args[0]) for v in value]
+        return [_numeric_text(v) for v in value]
     if expected is bool:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"config key '{key}' expects true or false, got {value!r}")
     if expected is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        number = _as_number(key, value, "an integer")
+        if number != int(number):
             raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
-        return int(value)
+        return int(number)
     if expected is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
-        return float(value)
+        return _as_number(key, value, "a number")
     if expected is str:
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
@@ -291,33 +354,105 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     return build_config(read_yaml(path) if path is not None else {}, overrides)
 
 
+def _in_range(key: str, value: float, low: float | None, high: float | None,
+              low_open: bool = False, high_open: bool = False, unit: str = "") -> str | None:
+    """None when ``low <(=) value <(=) high``, else the one-line complaint naming value and range."""
+    ok = ((low is None or (value > low if low_open else value >= low))
+          and (high is None or (value < high if high_open else value <= high)))
+    if ok:
+        return None
+
+    def fmt(bound: float) -> str:
+        return str(int(bound)) if float(bound).is_integer() and abs(bound) < 1e15 else f"{bound:g}"
+
+    if low is not None and high is not None:
+        allowed = f"{'(' if low_open else '['}{fmt(low)}, {fmt(high)}{')' if high_open else ']'}"
+        text = f"must lie in {allowed}"
+    elif low is not None:
+        text = f"must be {'>' if low_open else '>='} {fmt(low)}"
+    else:
+        text = f"must be {'<' if high_open else '<='} {fmt(high)}"
+    return f"{key}={value!r} is out of range: it {text}{unit}"
+
+
 def validate(cfg: RunConfig) -> None:
-    """Range checks that a type check cannot express."""
+    """Range checks that a type check cannot express; the message names the value and the range."""
+    s1, s2, m, g, o = cfg.stage1, cfg.stage2, cfg.mesh, cfg.guidance, cfg.output
+    ranges = [
+        ("seed", cfg.seed, 0, 2**32 - 1, False, False, ""),
+        ("elevation", cfg.elevation, -90, 90, True, True, " degrees"),
+        ("radius", cfg.radius, 0, None, True, False, ""),
+        ("fovy", cfg.fovy, 0, 180, True, True, " degrees"),
+        ("guidance.guidance_scale", g.guidance_scale, 0, None, False, False, ""),
+        ("guidance.lambda_zero123", g.lambda_zero123, 0, None, False, False, ""),
+        ("stage1.iters", s1.iters, 0, None, False, False, ""),
+        ("stage1.batch_size", s1.batch_size, 1, None, False, False, ""),
+        ("stage1.ref_size", s1.ref_size, 16, None, False, False, " px"),
+        ("stage1.num_pts", s1.num_pts, 1, None, False, False, ""),
+        ("stage1.init_radius", s1.init_radius, 0, None, True, False, ""),
+        ("stage1.invert_bg_prob", s1.invert_bg_prob, 0, 1, False, False, ""),
+        ("stage1.min_ver", s1.min_ver, -90, 90, True, True, " degrees"),
+        ("stage1.max_ver", s1.max_ver, -90, 90, True, True, " degrees"),
+        ("stage1.percent_dense", s1.percent_dense, 0, None, False, False, ""),
+        ("stage1.densification_interval", s1.densification_interval, 1, None, False, False, ""),
+        ("stage1.opacity_reset_interval", s1.opacity_reset_interval, 1, None, False, False, ""),
+        ("stage1.position_lr_max_steps", s1.position_lr_max_steps, 1, None, False, False, ""),
+        ("mesh.resolution", m.resolution, 8, None, False, False, ""),
+        ("mesh.bound", m.bound, 0, None, True, False, ""),
+        ("mesh.decimate_target", m.decimate_target, 4, None, False, False, " faces"),
+        ("mesh.texture_size", m.texture_size, 8, None, False, False, " px"),
+        ("mesh.bake_render_size", m.bake_render_size, 8, None, False, False, " px"),
+        ("stage2.iters", s2.iters, 0, None, False, False, ""),
+        ("stage2.render_res", s2.render_res, 8, None, False, False, " px"),
+        ("stage2.strength_start", s2.strength_start, 0, 1, False, True, ""),
+        ("stage2.strength_end", s2.strength_end, 0, 1, False, True, ""),
+        ("stage2.ddim_steps", s2.ddim_steps, 1, None, False, False, ""),
+        ("stage2.ssaa_min", s2.ssaa_min, 0, None, True, False, ""),
+        ("stage2.ssaa_max", s2.ssaa_max, 0, None, True, False, ""),
+        ("output.turntable_frames", o.turntable_frames, 1, None, False, False, ""),
+        ("output.preview_size", o.preview_size, 8, None, False, False, " px"),
+        ("output.contact_sheet_views", o.contact_sheet_views, 1, None, False, False, ""),
+    ]
+    for lr_key in ("position_lr_init", "position_lr_final", "position_lr_delay_mult", "spatial_lr_scale",
+                   "feature_lr", "opacity_lr", "scaling_lr", "rotation_lr", "lambda_rgb", "lambda_mask",
+                   "densify_grad_threshold"):
+        ranges.append((f"stage1.{lr_key}", getattr(s1, lr_key), 0, None, False, False, ""))
+    ranges += [("stage2.texture_lr", s2.texture_lr, 0, None, False, False, ""),
+               ("stage2.geom_lr", s2.geom_lr, 0, None, False, False, "")]
+    for index, res in enumerate(s1.render_res):
+        if isinstance(res, bool) or not isinstance(res, (int, float)):
+            raise ConfigError(f"invalid config: stage1.render_res[{index}]={res!r} must be a number of pixels")
+        ranges.append((f"stage1.render_res[{index}]", res, 8, None, False, False, " px"))
+    for index, ms in enumerate(s1.render_res_milestones):
+        if isinstance(ms, bool) or not isinstance(ms, (int, float)):
+            raise ConfigError(f"invalid config: stage1.render_res_milestones[{index}]={ms!r} must be a number")
+        ranges.append((f"stage1.render_res_milestones[{index}]", ms, 0, 1, False, False, ""))
+    for key, value, low, high, low_open, high_open, unit in ranges:
+        problem = _in_range(key, value, low, high, low_open, high_open, unit)
+        if problem:
+            raise ConfigError(f"invalid config: {problem}")
+
+    choices = [
+        ("matting", cfg.matting, ("auto", "alpha", "rembg", "border")),
+        ("guidance.family", g.family, ("auto", "stable", "xl")),
+        ("guidance.dtype", g.dtype, ("auto", "float16", "float32")),
+    ]
+    for key, value, allowed in choices:
+        if value not in allowed:
+            raise ConfigError(f"invalid config: {key}={value!r} must be one of {', '.join(allowed)}")
     checks = [
-        (cfg.stage1.iters >= 0, "stage1.iters must be >= 0"),
-        (cfg.stage2.iters >= 0, "stage2.iters must be >= 0"),
-        (cfg.stage1.batch_size >= 1, "stage1.batch_size must be >= 1"),
-        (cfg.stage1.num_pts >= 1, "stage1.num_pts must be >= 1"),
-        (cfg.stage1.ref_size >= 16, "stage1.ref_size must be >= 16"),
-        (len(cfg.stage1.render_res) == len(cfg.stage1.render_res_milestones) + 1,
-         "stage1.render_res needs one more entry than stage1.render_res_milestones"),
-        (-90 < cfg.elevation < 90, "elevation must lie in (-90, 90) degrees"),
-        (cfg.radius > 0, "radius must be > 0"),
-        (0 < cfg.fovy < 180, "fovy must lie in (0, 180) degrees"),
-        (cfg.matting in ("auto", "alpha", "rembg", "border"), "matting must be auto, alpha, rembg or border"),
-        (cfg.guidance.family in ("auto", "stable", "xl"), "guidance.family must be auto, stable or xl"),
-        (cfg.guidance.dtype in ("auto", "float16", "float32"), "guidance.dtype must be auto, float16 or float32"),
-        (cfg.guidance.image_size % 8 == 0 and cfg.guidance.image_size >= 32,
-         "guidance.image_size must be a multiple of 8, at least 32"),
-        (0.0 <= cfg.stage1.invert_bg_prob <= 1.0, "stage1.invert_bg_prob must lie in [0, 1]"),
-        (cfg.stage1.min_ver <= cfg.stage1.max_ver, "stage1.min_ver must be <= stage1.max_ver"),
-        (0.0 <= cfg.stage2.strength_start < 1.0 and 0.0 <= cfg.stage2.strength_end < 1.0,
-         "stage2.strength_start/end must lie in [0, 1)"),
-        (cfg.mesh.resolution >= 8, "mesh.resolution must be >= 8"),
-        (cfg.mesh.texture_size >= 8, "mesh.texture_size must be >= 8"),
-        (cfg.output.turntable_frames >= 1, "output.turntable_frames must be >= 1"),
-        (cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
-         "device must be auto, cpu, cuda or cuda:N"),
+        (len(s1.render_res) == len(s1.render_res_milestones) + 1,
+         f"stage1.render_res ({len(s1.render_res)} entries) needs one more entry than "
+         f"stage1.render_res_milestones ({len(s1.render_res_milestones)})"),
+        (g.image_size % 8 == 0 and g.image_size >= 32,
+         f"guidance.image_size={g.image_size!r} must be a multiple of 8, at least 32"),
+        (s1.min_ver <= s1.max_ver,
+         f"stage1.min_ver={s1.min_ver!r} must be <= stage1.max_ver={s1.max_ver!r}"),
+        (s2.ssaa_min <= s2.ssaa_max,
+         f"stage2.ssaa_min={s2.ssaa_min!r} must be <= stage2.ssaa_max={s2.ssaa_max!r}"),
+        (cfg.device in ("auto", "cpu") or cfg.device == "cuda"
+         or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()),
+         f"device={cfg.device!r} must be auto, cpu, cuda or cuda:N"),
     ]
     for ok, message in checks:
         if not ok:

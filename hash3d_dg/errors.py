@@ -27,3 +27,30 @@ class InputError(UserError):
 
 class ConfigError(UserError):
     """A setting or configuration value is invalid."""
+
+
+class DivergenceError(UserError):
+    """The optimisation produced a non-finite loss, render or gradient (the run stops there)."""
+
+    def __init__(self, stage: str, iteration: int, quantity: str) -> None:
+        self.stage, self.iteration, self.quantity = stage, int(iteration), quantity
+        super().__init__(
+            f"{stage} diverged at iteration {iteration}: the {quantity} is not finite (NaN or inf); "
+            "nothing was exported: lower the learning rates or loss weights and rerun")
+
+
+class RunInterrupted(BaseException):
+    """The run was stopped by a signal (SIGINT, SIGTERM). A ``BaseException``, like
+    ``KeyboardInterrupt``, so that no ``except Exception`` swallows it; every ``with`` block and
+    ``finally`` on the way out still runs (staging folders removed, child processes killed)."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        self.signum = int(signum)
+        self.signal_name = signal.Signals(self.signum).name
+        super().__init__(self.signal_name)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

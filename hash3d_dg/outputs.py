@@ -1,16 +1,79 @@
-"""A run's output folder, written all at once.
+"""A run's output folder, written all at once and committed as a whole.
 
-Files are written into a hidden staging folder beside the final one; only when the whole run
-succeeds are they moved (``os.replace``) into ``<root>/<name>/``. A failed run leaves nothing
-behind and an earlier result of the same name intact.
+Files are written into a hidden staging folder beside the final one (``<root>/.<name>.tmp-*``).
+Only when the whole run succeeds does the staging folder take the final folder's place: on Linux
+in one atomic exchange (``renameat2(RENAME_EXCHANGE)``), elsewhere by two renames; the previous
+folder is removed afterwards. So ``<root>/<name>/`` always holds one complete result (never a mix
+of files of two runs), a failed or interrupted run leaves nothing behind and an earlier result
+intact, and of two concurrent runs of one name the one that commits last wins whole: commits of
+one root are serialised by an advisory lock on the root folder itself (no lock file is left).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import errno
 import os
 import shutil
 import uuid
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: commits are not serialised between processes
+    fcntl = None
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _libc_renameat2():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        func = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
+
+
+_renameat2 = _libc_renameat2()
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap the paths ``a`` and ``b`` (both must exist); False where the system cannot."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False  # kernel or file system without RENAME_EXCHANGE
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+@contextlib.contextmanager
+def locked_folder(folder: Path):
+    """An exclusive advisory lock (``flock``) on ``folder`` for the block."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 class OutputFolder:
@@ -19,13 +82,14 @@ class OutputFolder:
         self.name = name
         self.final = self.root / name
         self.staging = self.root / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.committed = False
 
     def __enter__(self) -> "OutputFolder":
         self.staging.mkdir(parents=True, exist_ok=False)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
+        if not self.committed:
             self.abort()
 
     def path(self, filename: str) -> Path:
@@ -37,15 +101,23 @@ class OutputFolder:
         return self.final / filename
 
     def commit(self) -> dict[str, Path]:
-        """Move every staged file into the final folder; returns {filename: final path}."""
-        self.final.mkdir(parents=True, exist_ok=True)
-        moved = {}
-        for item in sorted(self.staging.iterdir()):
-            target = self.final / item.name
-            os.replace(item, target)
-            moved[item.name] = target
-        self.staging.rmdir()
-        return moved
+        """Put the staged folder in the final folder's place; returns {filename: final path}."""
+        names = sorted(item.name for item in self.staging.iterdir())
+        with locked_folder(self.root):
+            if os.path.lexists(self.final):
+                if exchange(self.staging, self.final):
+                    old = self.staging  # now holds the previous result
+                else:
+                    old = self.root / f".{self.name}.old-{uuid.uuid4().hex[:8]}"
+                    os.rename(self.final, old)
+                    os.rename(self.staging, self.final)
+            else:
+                os.rename(self.staging, self.final)
+                old = None
+            self.committed = True
+            if old is not None:
+                _remove(old)
+        return {name: self.final / name for name in names}
 
     def abort(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)

@@ -57,11 +57,14 @@ def tiny_model_dir(family: str = "stable", seed: int = 0) -> Path:
     target = cache / f"tiny-{family}-zero123-diffusers-{seed}"
     if not (target / "model_index.json").is_file():
         staging = cache / f".{target.name}.tmp-{os.getpid()}"
-        write_tiny_checkpoint(staging, family=family, seed=seed)
         try:
+            write_tiny_checkpoint(staging, family=family, seed=seed)
             os.replace(staging, target)
         except OSError:  # another process won the race
             shutil.rmtree(staging, ignore_errors=True)
+        except BaseException:  # interrupted: leave no half-written checkpoint
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return target
 
 
@@ -116,6 +119,24 @@ class RunContext:
         if self._guidance is None and self.needs_guidance:
             self._guidance = build_guidance(self.cfg, self.device, self.dtype)
         return self._guidance
+
+    def guidance_for_image(self):
+        """The guidance with every per-image state reset, as if freshly built: an empty Hash3D
+        table (and its retrieval generator) and the guidance's generator reseeded. Only the
+        model weights carry over from one image of a folder to the next, so an image's result
+        does not depend on its place in the folder."""
+        guidance = self.guidance()
+        if guidance is not None:
+            from hash3d_dg.cache import Hash3DCache
+
+            cfg = self.cfg
+            denoiser = guidance.denoiser
+            denoiser.cache = Hash3DCache(cfg.hash3d, seed=cfg.seed) if cfg.hash3d.mode != "off" else None
+            denoiser.reset_stats()
+            denoiser.last_shallow = []
+            guidance.generator.manual_seed(cfg.seed)
+            guidance.ref_embeddings = guidance.ref_latents = None
+        return guidance
 
     def describe(self) -> str:
         cfg = self.cfg
@@ -182,8 +203,12 @@ def run_image(image_path: str | Path, ctx: RunContext, output_root: str | Path =
         # 1. Preprocess (or reuse a stage-1 result).
         t0 = time.perf_counter()
         if stage == "2":
+            log.info(f"[{name}] loading the stage-1 result")
             prepared, gaussians = _load_stage1_result(out, name, ctx.device)
+            for fname in (f"{name}_gaussians.ply", f"{name}_rgba.png"):  # the folder is replaced whole
+                shutil.copy2(out.final_path(fname), out.path(fname))
         else:
+            log.info(f"[{name}] preprocess")
             prepared = prepare_image(image_path, size=cfg.stage1.ref_size, matting=cfg.matting)
             gaussians = None
             save_image_atomic(out.path(f"{name}_rgba.png"), prepared.rgba)
@@ -191,13 +216,14 @@ def run_image(image_path: str | Path, ctx: RunContext, output_root: str | Path =
                                 "had_alpha": prepared.had_alpha, "matting": prepared.matting}
         ref = ReferenceView.from_rgba(prepared.rgba, cfg.elevation, cfg.radius, cfg.fovy,
                                       cfg.stage1.ref_size, ctx.device)
-        guidance = ctx.guidance()
+        guidance = ctx.guidance_for_image()
         if guidance is not None:
             report["model_family"] = guidance.components.family
             guidance.set_reference(ref.image_nchw(), cfg.elevation)
 
         # 2. Stage 1: Gaussians.
         if stage in ("all", "1"):
+            log.info(f"[{name}] stage 1: {cfg.stage1.iters} iterations")
             s1 = run_stage1(ref, cfg, guidance, progress=ctx.progress)
             gaussians = s1.gaussians
             report["stage1"] = s1.report
@@ -205,12 +231,15 @@ def run_image(image_path: str | Path, ctx: RunContext, output_root: str | Path =
 
         # 3. Mesh and 4. stage 2; 5. export.
         if stage in ("all", "2"):
+            log.info(f"[{name}] mesh")
             mesh, report["mesh"] = extract_textured_mesh(gaussians, cfg)
             if guidance is not None and guidance.denoiser.cache is not None:
                 guidance.denoiser.cache.clear()  # stage 2 starts with an empty table
+            log.info(f"[{name}] stage 2: {cfg.stage2.iters} iterations")
             s2 = run_stage2(mesh, ref, cfg, guidance, progress=ctx.progress)
             mesh = s2.mesh
             report["stage2"] = s2.report
+            log.info(f"[{name}] export")
             t0 = time.perf_counter()
             export_glb(mesh, out.path(f"{name}.glb"))
             export_obj(mesh, out.path(f"{name}.obj"))
@@ -232,3 +261,63 @@ def run_image(image_path: str | Path, ctx: RunContext, output_root: str | Path =
         out.commit()
     return report
 
+
+
+@dataclass
+class ImageResult:
+    """What became of one input of a folder run."""
+
+    image: Path
+    name: str
+    status: str  # "ok" | "failed" | "not run"
+    error: str = ""  # the one-line error of a failed input
+    report: dict | None = field(default=None, repr=False)
+
+
+def image_name(image: str | Path) -> str:
+    """Output name of an input: its file stem without a trailing ``_rgba``."""
+    return Path(image).stem.removesuffix("_rgba") or Path(image).stem
+
+
+def iter_images(images: list[Path], ctx: RunContext, output_root: str | Path = "logs",
+                names: list[str] | None = None, stage: str = "all", debug: bool = False):
+    """Run ``run_image`` on each input in turn; yields an ``ImageResult`` per input.
+
+    Every image starts from the same state (``RunContext.guidance_for_image``). A bad input or a
+    diverged run fails that input only; a configuration or model problem (it would fail every
+    other input the same way) marks the rest "not run". An internal error fails that input
+    with a one-line message (re-raised when ``debug``). An interrupt (``KeyboardInterrupt``,
+    ``RunInterrupted``) propagates: the inputs yielded so far are complete on disk.
+    """
+    from hash3d_dg.errors import DivergenceError, UserError
+
+    names = names or [image_name(i) for i in images]
+    stop_reason = ""
+    for image, name in zip(images, names):
+        image = Path(image)
+        if stop_reason:
+            yield ImageResult(image, name, "not run", stop_reason)
+            continue
+        try:
+            log.info(f"[{name}] {image}")
+            report = run_image(image, ctx, output_root, name=name, stage=stage)
+        except UserError as exc:
+            yield ImageResult(image, name, "failed", f"error: {exc}")
+            if not isinstance(exc, (InputError, DivergenceError)) or isinstance(exc, ConfigError):
+                stop_reason = f"{name} failed with a setup error that would fail this input too"
+            continue
+        except Exception as exc:  # noqa: BLE001 - last line of defence: one line, no traceback
+            if debug:
+                raise
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            yield ImageResult(image, name, "failed",
+                              f"error: internal error on {image}: {type(exc).__name__}: {first} "
+                              "(rerun with --debug for details)")
+            continue
+        yield ImageResult(image, name, "ok", report=report)
+
+
+def run_images(images: list[Path], ctx: RunContext, output_root: str | Path = "logs",
+               names: list[str] | None = None, stage: str = "all", debug: bool = False) -> list[ImageResult]:
+    """``iter_images`` collected into a list (one ``ImageResult`` per input, in order)."""
+    return list(iter_images(images, ctx, output_root, names=names, stage=stage, debug=debug))

@@ -155,6 +155,13 @@ def test_folder_run_continues_past_a_bad_image(tmp_path, capfd, monkeypatch):
     assert (out / "a_good" / "a_good.glb").is_file()
     assert not (out / "b_bad").exists()
     assert "1 succeeded, 1 failed" in captured.out
+    # The end-of-folder table: every input with its status and error line.
+    table = captured.out[captured.out.index("input  "):].splitlines()
+    assert table[0].split() == ["input", "status", "error"]
+    rows = {line.split()[0]: line for line in table[1:]}
+    assert rows[str(folder / "a_good.png")].split()[1] == "ok"
+    bad_row = rows[str(folder / "b_bad.png")]
+    assert bad_row.split()[1] == "failed" and "is not an image" in bad_row
 
 
 def test_stage_2_reuses_a_stage_1_result(tmp_path, monkeypatch, capfd):
@@ -181,3 +188,115 @@ def test_stage_2_without_a_stage_1_result_is_a_clear_error(tmp_path, monkeypatch
                  "--stage", "2", "--quiet"])
     err = capfd.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--stage 1" in err[0]
+
+
+# ------------------------------------------------------------------ start-up, paths, divergence
+
+HEAVY = ("diffusers", "transformers", "trimesh")
+
+
+@pytest.mark.parametrize("argv, code", [
+    (["--help"], 0),
+    (["--image", "data/ball.png", "stage1.iters=-3"], 2),
+    (["--image", "data/ball.png", "--config", "no-such-config"], 2),
+])
+def test_help_and_config_errors_import_no_model_library(argv, code):
+    script = ("import json, sys\nfrom hash3d_dg.cli import main\n"
+              f"try:\n    code = main({argv!r})\nexcept SystemExit as exc:\n    code = exc.code\n"
+              f"print(json.dumps([code, [m for m in {HEAVY!r} if m in sys.modules]]), file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    got_code, loaded = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert got_code == code and loaded == [], proc.stderr
+    if code:
+        assert len(proc.stderr.strip().splitlines()) == 2  # the error line + our probe's line
+
+
+def test_override_after_image_is_an_override(tmp_path, capfd):
+    code = main(["--image", str(sample_image()), "stage1.iters=-3", "--output", str(tmp_path)])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "stage1.iters=-3" in err[0] and ">= 0" in err[0]
+
+
+def test_invalid_yaml_file_is_one_line(tmp_path, capfd):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("stage1:\n  iters: [1, 2\n  ref_size: 3\n")
+    code = main(["--image", str(sample_image()), "--config", str(broken), "--output", str(tmp_path / "o")])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "not valid YAML" in err[0] and str(broken) in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_root_that_cannot_be_created(tmp_path, capfd):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    code = main(["--image", str(sample_image()), "--config", SMOKE, "--output", str(blocker / "logs")])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "output root" in err[0] and "cannot be created" in err[0]
+    code = main(["--image", str(sample_image()), "--config", SMOKE, "--output", str(blocker)])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "not a folder" in err[0]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_output_root_that_cannot_be_written(tmp_path, capfd):
+    root = tmp_path / "ro"
+    root.mkdir()
+    root.chmod(0o500)
+    try:
+        code = main(["--image", str(sample_image()), "--config", SMOKE, "--output", str(root)])
+    finally:
+        root.chmod(0o700)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "not writable" in err[0]
+
+
+def test_names_with_spaces_and_non_ascii(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("HASH3D_DG_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "my phötos 写真"
+    folder.mkdir()
+    image = folder / "café box ü.png"
+    image.write_bytes(sample_image().read_bytes())
+    out = tmp_path / "out put ø"
+    code = main(["--image", str(image), "--config", SMOKE, "--output", str(out), "--quiet",
+                 "mesh.resolution=32", "mesh.decimate_target=1500", "output.turntable_frames=2"])
+    captured = capfd.readouterr()
+    assert code == 0, captured.err
+    result = out / "café box ü"
+    names = {p.name for p in result.iterdir()}
+    assert {"café box ü.glb", "café box ü_turntable.mp4", "café box ü_report.json"} <= names
+    scene = trimesh.load(result / "café box ü.glb")
+    assert len(next(iter(scene.geometry.values())).faces) > 0
+    assert json.loads((result / "café box ü_report.json").read_text(encoding="utf-8"))["name"] == "café box ü"
+
+
+def test_diverging_run_stops_with_one_line_and_writes_nothing(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("HASH3D_DG_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "logs"
+    (out / "ball").mkdir(parents=True)
+    (out / "ball" / "ball.glb").write_bytes(b"earlier")
+    code = main(["--image", str(ROOT / "data" / "ball.png"), "--config", SMOKE, "--output", str(out),
+                 "--quiet", "stage1.lambda_rgb=1e39"])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "stage 1 diverged at iteration 1: the loss is not finite" in err[0]
+    assert sorted(p.name for p in out.iterdir()) == ["ball"]
+    assert [p.name for p in (out / "ball").iterdir()] == ["ball.glb"]
+    assert (out / "ball" / "ball.glb").read_bytes() == b"earlier"
+
+
+def test_a_setup_error_in_a_folder_marks_the_rest_not_run(tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        (folder / name).write_bytes(sample_image().read_bytes())
+    code = main(["--image", str(folder), "--config", SMOKE, "--output", str(tmp_path / "logs"), "--quiet",
+                 "--model", str(tmp_path / "no_model_here")])
+    captured = capfd.readouterr()
+    err = captured.err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no_model_here" in err[0]
+    rows = captured.out[captured.out.index("input  "):].splitlines()[1:]
+    assert [row.split()[1] for row in rows] == ["failed", "not"]  # "not run"
+    assert "a failed with a setup error" in rows[1]
+    assert not (tmp_path / "logs" / "a").exists() and not (tmp_path / "logs" / "b").exists()

@@ -81,3 +81,57 @@ def test_config_keys_lists_every_section():
     for prefix in ("seed=", "stage1.iters=", "stage2.iters=", "mesh.resolution=", "hash3d.eta=",
                    "guidance.model="):
         assert any(k.startswith(prefix) for k in keys)
+
+
+# ------------------------------------------------------------------ numbers as people type them
+
+@pytest.mark.parametrize("override, key, value", [
+    ("stage2.geom_lr=1e-4", ("stage2", "geom_lr"), 1e-4),
+    ("stage1.position_lr_init=1.0e-3", ("stage1", "position_lr_init"), 1e-3),
+    ("stage1.lambda_rgb=1E4", ("stage1", "lambda_rgb"), 1e4),
+    ("stage1.feature_lr=.5", ("stage1", "feature_lr"), 0.5),
+    ("stage1.iters=1e3", ("stage1", "iters"), 1000),
+    ("hash3d.eta=5e-2", ("hash3d", "eta"), 0.05),
+    ("hash3d.memory_budget_bytes=1e9", ("hash3d", "memory_budget_bytes"), 10**9),
+])
+def test_scientific_notation_in_overrides(override, key, value):
+    cfg = load_config("image_hash3d", [override])
+    got = getattr(getattr(cfg, key[0]), key[1])
+    assert got == pytest.approx(value) and type(got) is type(value)
+
+
+def test_scientific_notation_in_yaml_files(tmp_path):
+    path = tmp_path / "sci.yaml"
+    path.write_text("stage1:\n  position_lr_init: 1.0e-3\n  position_lr_final: 2e-5\n  iters: 3e2\n"
+                    "  render_res: [6.4e1, 128, 2.56e2]\nstage2:\n  geom_lr: 1e-4\n"
+                    "hash3d:\n  mode: paper\n  grids: [[1e1, 10, 1e-1, 10]]\n")
+    cfg = load_config(path)
+    assert cfg.stage1.position_lr_init == pytest.approx(1e-3)
+    assert cfg.stage1.position_lr_final == pytest.approx(2e-5)
+    assert cfg.stage1.iters == 300 and cfg.stage2.geom_lr == pytest.approx(1e-4)
+    assert cfg.stage1.render_res == [64.0, 128, 256.0]
+    assert cfg.hash3d.grids == [[10.0, 10.0, 0.1, 10.0]]
+
+
+@pytest.mark.parametrize("override, words", [
+    ("elevation=95", ["elevation=95.0", "(-90, 90)"]),
+    ("elevation=-90", ["elevation=-90.0", "(-90, 90)"]),
+    ("stage1.iters=-3", ["stage1.iters=-3", ">= 0"]),
+    ("stage2.iters=-1", ["stage2.iters=-1", ">= 0"]),
+    ("stage1.ref_size=0", ["stage1.ref_size=0", ">= 16"]),
+    ("mesh.texture_size=-8", ["mesh.texture_size=-8", ">= 8"]),
+    ("radius=0", ["radius=0.0", "> 0"]),
+    ("stage2.render_res=0", ["stage2.render_res=0", ">= 8"]),
+    ("stage1.render_res=[64,0,64]", ["stage1.render_res[1]=0", ">= 8"]),
+    ("stage2.geom_lr=-1e-4", ["stage2.geom_lr=-0.0001", ">= 0"]),
+    ("seed=-1", ["seed=-1", "[0, 4294967295]"]),
+    ("stage1.lambda_rgb=nan", ["finite"]),
+    ("stage1.feature_lr=inf", ["finite"]),
+])
+def test_out_of_range_numbers_name_value_and_range(override, words):
+    with pytest.raises(ConfigError) as info:
+        load_config("image.yaml", [override])
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, message

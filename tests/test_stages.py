@@ -160,3 +160,58 @@ def test_mesh_from_gaussians_fitted_to_a_sphere_is_watertight_with_the_right_vol
     assert tm.is_watertight
     expected = 4.0 / 3.0 * math.pi * radius**3
     assert abs(tm.volume - expected) / expected < 0.10, (tm.volume, expected)
+
+
+# ------------------------------------------------------------------ the divergence guard
+
+def test_stage1_stops_at_a_non_finite_loss():
+    from hash3d_dg.errors import DivergenceError
+
+    cfg = small_config(guidance={"lambda_zero123": 0.0}, stage1={"iters": 5, "lambda_rgb": 1e39})
+    with pytest.raises(DivergenceError) as info:
+        run_stage1(reference(cfg), cfg, None, progress=False)
+    assert (info.value.stage, info.value.iteration, info.value.quantity) == ("stage 1", 1, "loss")
+    assert "stage 1 diverged at iteration 1: the loss is not finite" in str(info.value)
+
+
+def test_stage1_stops_at_a_non_finite_render_before_touching_the_gaussians():
+    from hash3d_dg.errors import DivergenceError
+
+    cfg = small_config(guidance={"lambda_zero123": 0.0}, stage1={"iters": 5})
+    gaussians = GaussianModel.random_init(200, 0.5, seed=0)
+    with torch.no_grad():
+        gaussians.params["sh0"][:50] = float("nan")
+    with pytest.raises(DivergenceError) as info:
+        run_stage1(reference(cfg), cfg, None, progress=False, gaussians=gaussians)
+    assert (info.value.iteration, info.value.quantity) == (1, "render")
+    # On CPU the check runs before the optimiser step: the finite parameters were never updated.
+    assert torch.isfinite(gaussians.params["means"]).all()
+
+
+def test_stage2_stops_at_a_non_finite_render():
+    from hash3d_dg.errors import DivergenceError
+
+    cfg = small_config(guidance={"lambda_zero123": 0.0}, stage2={"iters": 3})
+    mesh = standin_mesh(texture_size=16, subdivisions=2)
+    mesh.albedo[:8] = float("nan")
+    with pytest.raises(DivergenceError) as info:
+        run_stage2(mesh, reference(cfg), cfg, None, progress=False)
+    assert (info.value.stage, info.value.iteration, info.value.quantity) == ("stage 2", 1, "render")
+
+
+def test_guard_names_the_earliest_quantity_and_reads_back_only_on_check():
+    from hash3d_dg.errors import DivergenceError
+    from hash3d_dg.stages.views import DivergenceGuard
+
+    guard = DivergenceGuard("stage 1", "cpu")
+    p = torch.nn.Parameter(torch.ones(3))
+    for step in range(1, 8):
+        guard.observe_render(step, torch.ones(2, 2))
+        guard.observe_loss(step, torch.tensor(1.0) if step < 6 else torch.tensor(float("inf")))
+        p.grad = torch.ones(3) if step < 4 else torch.tensor([0.0, float("nan"), 0.0])
+        guard.observe_gradients(step, [p])
+        if step < 4:
+            guard.check()  # nothing wrong yet
+    with pytest.raises(DivergenceError) as info:
+        guard.check()
+    assert (info.value.iteration, info.value.quantity) == (4, "gradient")

@@ -16,7 +16,7 @@ from hash3d_dg.config import RunConfig
 from hash3d_dg.gaussians import Densifier, GaussianModel, position_lr
 from hash3d_dg.stages.metrics import mask_iou, psnr
 from hash3d_dg.stages.reference import ReferenceView
-from hash3d_dg.stages.views import GuidanceMeter, sample_novel_view
+from hash3d_dg.stages.views import DivergenceGuard, GuidanceMeter, check_interval, sample_novel_view
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,8 @@ def run_stage1(ref: ReferenceView, cfg: RunConfig, guidance=None, progress: bool
     bar = tqdm(range(1, s1.iters + 1), desc="stage 1 (gaussians)", disable=not progress,
                dynamic_ncols=True)
     loss_value = float("nan")
+    guard = DivergenceGuard("stage 1", device)
+    every = check_interval(device)
     for step in bar:
         step_ratio = min(1.0, step / max(s1.iters, 1))
         for group in optimizer.param_groups:
@@ -84,6 +86,7 @@ def run_stage1(ref: ReferenceView, cfg: RunConfig, guidance=None, progress: bool
 
         # Known view: match the input image and its mask.
         out = gaussians.render(ref.camera, white, backend=s1.backend)
+        guard.observe_render(step, out.image)
         loss = s1.lambda_rgb * F.mse_loss(out.image, ref.rgb)
         loss = loss + s1.lambda_mask * F.mse_loss(out.alpha, ref.mask)
 
@@ -97,6 +100,7 @@ def run_stage1(ref: ReferenceView, cfg: RunConfig, guidance=None, progress: bool
                                       cfg.radius + view.d_radius, width=res, fovy=cfg.fovy)
                 bg = BLACK if rng.random() < s1.invert_bg_prob else WHITE
                 out = gaussians.render(camera, torch.tensor(bg, device=device), backend=s1.backend)
+                guard.observe_render(step, out.image)
                 images.append(out.image.permute(2, 0, 1))
                 views.append(view)
             sds = guidance.sds(
@@ -107,7 +111,12 @@ def run_stage1(ref: ReferenceView, cfg: RunConfig, guidance=None, progress: bool
             )
             loss = loss + cfg.guidance.lambda_zero123 * sds
 
+        guard.observe_loss(step, loss)
         loss.backward()
+        guard.observe_gradients(step, gaussians.params.values())
+        due = step % every == 0 or step == s1.iters
+        if due:
+            guard.check()  # before the step: a non-finite update never reaches the Gaussians
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         # Densification statistics come from the last render, as in DreamGaussian; it replaces
@@ -116,9 +125,10 @@ def run_stage1(ref: ReferenceView, cfg: RunConfig, guidance=None, progress: bool
         for key in densify_counts:
             densify_counts[key] += int(counts.get(key, 0))
 
-        loss_value = float(loss.detach())
-        if progress:
-            bar.set_postfix(meter.postfix(loss_value, pts=gaussians.num_points))
+        if due:  # one read of the loss per check, not a host sync every step
+            loss_value = float(loss.detach())
+            if progress:
+                bar.set_postfix(meter.postfix(loss_value, pts=gaussians.num_points))
     bar.close()
 
     # DreamGaussian's final clean-up: transparent or oversized (> 0.1 world units) Gaussians.

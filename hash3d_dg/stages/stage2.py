@@ -16,7 +16,7 @@ from hash3d_dg.config import RunConfig
 from hash3d_dg.mesh import Mesh, rasterize_mesh
 from hash3d_dg.stages.metrics import mask_iou, psnr
 from hash3d_dg.stages.reference import ReferenceView
-from hash3d_dg.stages.views import GuidanceMeter, sample_novel_view
+from hash3d_dg.stages.views import DivergenceGuard, GuidanceMeter, check_interval, sample_novel_view
 
 
 @dataclass
@@ -71,6 +71,9 @@ def run_stage2(mesh: Mesh, ref: ReferenceView, cfg: RunConfig, guidance=None,
     bar = tqdm(range(1, s2.iters + 1), desc="stage 2 (mesh)  ", disable=not progress,
                dynamic_ncols=True)
     loss_value = float("nan")
+    guard = DivergenceGuard("stage 2", device)
+    every = check_interval(device)
+    params = [p for group in groups for p in group["params"]]
     for step in bar:
         step_ratio = min(1.0, step / max(s2.iters, 1))
         albedo = torch.sigmoid(raw_albedo)
@@ -79,6 +82,7 @@ def run_stage2(mesh: Mesh, ref: ReferenceView, cfg: RunConfig, guidance=None,
         ssaa = float(np.clip(rng.uniform(0, 2.0), s2.ssaa_min, s2.ssaa_max))
         rgb, alpha, viewcos = render_supersampled(mesh, ref.camera, ref.camera.width, ssaa, albedo,
                                                   offsets, s2.backend, white)
+        guard.observe_render(step, rgb)
         valid = ((alpha > 0) & (viewcos > 0.5)).detach().float()
         loss = F.mse_loss(rgb * valid, ref.rgb * valid)
 
@@ -90,6 +94,7 @@ def run_stage2(mesh: Mesh, ref: ReferenceView, cfg: RunConfig, guidance=None,
             ssaa = float(np.clip(rng.uniform(0, 2.0), s2.ssaa_min, s2.ssaa_max))
             image, _, _ = render_supersampled(mesh, camera, s2.render_res, ssaa, albedo, offsets,
                                               s2.backend, white)
+            guard.observe_render(step, image)
             image = image.permute(2, 0, 1)[None]
             strength = s2.strength_start + step_ratio * (s2.strength_end - s2.strength_start)
             reuse = (guidance.denoiser.trajectory(cfg.hash3d.trajectory_interval) if trajectory
@@ -101,12 +106,18 @@ def run_stage2(mesh: Mesh, ref: ReferenceView, cfg: RunConfig, guidance=None,
                                     align_corners=False)
             loss = loss + cfg.guidance.lambda_zero123 * F.mse_loss(image, refined)
 
+        guard.observe_loss(step, loss)
         loss.backward()
+        guard.observe_gradients(step, params)
+        due = step % every == 0 or step == s2.iters
+        if due:
+            guard.check()  # before the step: a non-finite update never reaches the texture
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = float(loss.detach())
-        if progress:
-            bar.set_postfix(meter.postfix(loss_value))
+        if due:  # one read of the loss per check, not a host sync every step
+            loss_value = float(loss.detach())
+            if progress:
+                bar.set_postfix(meter.postfix(loss_value))
     bar.close()
 
     with torch.no_grad():

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+
+from hash3d_dg.errors import DivergenceError
 
 
 @dataclass(frozen=True)
@@ -74,3 +78,50 @@ class GuidanceMeter:
                 "hits_by_grid": list(cache.stats.hits_by_grid) if cache is not None else [],
             },
         }
+
+
+def check_interval(device: torch.device | str) -> int:
+    """How often a stage reads its loss and its divergence flags back from the device: every
+    step on CPU (no transfer to wait for), every 10 steps on an accelerator (a read is a host
+    sync that stalls the queue of kernels)."""
+    return 1 if torch.device(device).type == "cpu" else 10
+
+
+class DivergenceGuard:
+    """Watches a stage's loss, renders and gradients for NaN or inf without a host sync per step.
+
+    ``observe_*`` only queue device work: each quantity keeps, on the device, the first step at
+    which it was non-finite (0 = never). ``check`` reads those three numbers back (one sync) and
+    raises ``DivergenceError`` naming the stage, the iteration and the quantity; call it every
+    ``check_interval`` steps and after the last one. Where several quantities failed, the
+    earliest step wins; at one step the render is named before the loss it made non-finite,
+    and the loss before its gradient.
+    """
+
+    QUANTITIES = ("render", "loss", "gradient")
+
+    def __init__(self, stage: str, device: torch.device | str) -> None:
+        self.stage = stage
+        self.first_bad = torch.zeros(len(self.QUANTITIES), dtype=torch.long, device=device)
+
+    def _observe(self, index: int, step: int, finite: torch.Tensor) -> None:
+        current = self.first_bad[index]
+        self.first_bad[index] = torch.where(~finite & (current == 0), step, current)
+
+    def observe_render(self, step: int, image: torch.Tensor) -> None:
+        self._observe(0, step, torch.isfinite(image.detach()).all())
+
+    def observe_loss(self, step: int, loss: torch.Tensor) -> None:
+        self._observe(1, step, torch.isfinite(loss.detach()).all())
+
+    def observe_gradients(self, step: int, params: Iterable[torch.Tensor]) -> None:
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            self._observe(2, step, torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+    def check(self) -> None:
+        first = self.first_bad.tolist()
+        failed = [(step, i) for i, step in enumerate(first) if step > 0]
+        if failed:
+            step, index = min(failed)
+            raise DivergenceError(self.stage, step, self.QUANTITIES[index])
