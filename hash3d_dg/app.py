@@ -177,7 +177,7 @@ def build_app(runner: JobRunner):
                  stage2_iters=d["stage2_iters"], elevation=d["elevation"], seed=d["seed"],
                  remove_background=d["remove_background"], progress=gr.Progress()):
         """Photo in; GLB, preprocessed input, turntable, 8-view sheet, downloads and summary out."""
-        n_out = 9
+        n_out = 8
         if not photo:
             raise gr.Error("error: no photo: upload one or pick an example", duration=None)
         try:
@@ -210,16 +210,15 @@ def build_app(runner: JobRunner):
                     progress(None, desc=progress_text(payload))
                 continue
             if kind == "error":
-                yield (None, gr.skip(), None, None, None, None, None, None, payload)
+                yield (None, gr.skip(), None, None, None, None, None, payload)
                 raise gr.Error(payload, duration=None)
             result: JobResult = payload
             log.info(result.summary)
             video = result.file("_turntable.mp4")
             yield (str(result.file(".glb")), str(result.file("_rgba.png")),
                    str(video) if video.is_file() else None, str(result.file("_views.png")),
-                   str(result.file(".glb")), str(result.file("_obj.zip")),
-                   str(result.file("_gaussians.ply")), str(result.file("_report.json")),
-                   result.summary)
+                   str(result.file("_obj.zip")), str(result.file("_gaussians.ply")),
+                   str(result.file("_report.json")), result.summary)
             return
 
     with gr.Blocks(title="hash3d-dg: photo to 3D", analytics_enabled=False) as demo:
@@ -260,10 +259,14 @@ def build_app(runner: JobRunner):
                     obj_btn = gr.DownloadButton("OBJ (zip)", elem_id="download-obj")
                     ply_btn = gr.DownloadButton("Gaussians (PLY)", elem_id="download-ply")
                     report_btn = gr.DownloadButton("Report (JSON)", elem_id="download-report")
+        # The GLB reaches the 3D viewer in a second step: gradio 6.31's Model3D draws nothing
+        # when its value comes from a generator (checked in headless Chromium).
         button.click(generate,
                      inputs=[photo, hash3d_mode, stage1_iters, stage2_iters, elevation, seed, remove_background],
-                     outputs=[model3d, preprocessed, turntable, views, glb_btn, obj_btn, ply_btn, report_btn, summary],
-                     api_name="generate", concurrency_limit=1)
+                     outputs=[glb_btn, preprocessed, turntable, views, obj_btn, ply_btn, report_btn, summary],
+                     api_name="generate", concurrency_limit=1
+                     ).success(lambda glb: glb, inputs=[glb_btn], outputs=[model3d], api_visibility="private",
+                               show_progress="hidden")
     return demo
 
 
