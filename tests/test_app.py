@@ -96,7 +96,7 @@ def browser(server):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--use-angle=swiftshader",
-                "--enable-unsafe-swiftshader", "--window-size=1400,1700", "--no-first-run"):
+                "--enable-unsafe-swiftshader", "--window-size=1400,1250", "--no-first-run"):
         options.add_argument(arg)
     options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
                                               "download.prompt_for_download": False})
@@ -197,7 +197,7 @@ def test_browser_upload_ball_shows_model_and_downloads_glb(server, browser, tmp_
     if target:
         image = Image.open(page).convert("RGB")
         image.thumbnail((1100, 1400))
-        image.quantize(colors=128).save(target, optimize=True)
+        image.quantize(colors=256).save(target, optimize=True)
 
 
 def test_browser_text_file_named_png_shows_one_line_error(server, browser, tmp_path, capsys):
