@@ -328,7 +328,9 @@ def main(args) -> int:
             size = min(size, len(pending))
             log.info(f"Ray at {ray_address}: {size} {'GPU' if use_gpu else 'CPU'} worker(s) for "
                      f"{len(pending)} image(s)" + (f", {len(rows)} skipped" if rows else ""))
-            init_args = (args.config, overrides, str(output_root), args.stage, args.debug)
+            # A GPU actor sees only its own GPU (Ray sets CUDA_VISIBLE_DEVICES): plain "cuda".
+            worker_overrides = overrides + (["device=cuda"] if use_gpu and cfg.device not in ("auto", "cuda") else [])
+            init_args = (args.config, worker_overrides, str(output_root), args.stage, args.debug)
             pool_rows, workers = _run_pool(ray, pending, size, use_gpu, init_args)
             for row in pool_rows:
                 rows[row["name"]] = row
