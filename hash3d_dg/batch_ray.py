@@ -149,7 +149,7 @@ def _connect(ray, address: str, workers: int | None, debug: bool) -> None:
               "log_to_driver": True}
     try:
         if address == LOCAL:
-            ray.init(num_cpus=max(os.cpu_count() or 1, workers or 0), include_dashboard=False,
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, workers or 0), include_dashboard=False,
                      object_store_memory=LOCAL_OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1", **kwargs)
         else:
             ray.init(address=address, **kwargs)

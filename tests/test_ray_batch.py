@@ -30,7 +30,7 @@ def local_ray():
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on loopback
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024**2,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024**2,
              logging_level=logging.WARNING,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}})
     yield ray
