@@ -248,17 +248,18 @@ def build_app(runner: JobRunner):
                 preprocessed = gr.Image(label="Preprocessed input", image_mode="RGBA", type="numpy",
                                         interactive=False, elem_id="preprocessed")
             with gr.Column(scale=2):
-                model3d = gr.Model3D(label="Result (GLB)", clear_color=(1.0, 1.0, 1.0, 1.0),
-                                     elem_id="model3d", height=420)
-                summary = gr.Textbox(label="Summary", interactive=False, elem_id="summary")
                 with gr.Row():
-                    turntable = gr.Video(label="Turntable", interactive=False, elem_id="turntable")
-                    views = gr.Image(label="8 views", type="filepath", interactive=False, elem_id="views")
+                    model3d = gr.Model3D(label="Result (GLB)", clear_color=(1.0, 1.0, 1.0, 1.0),
+                                         elem_id="model3d", height=380, scale=3)
+                    turntable = gr.Video(label="Turntable", interactive=False, elem_id="turntable",
+                                         height=380, scale=2)
+                summary = gr.Textbox(label="Summary", interactive=False, elem_id="summary")
                 with gr.Row():
                     glb_btn = gr.DownloadButton("GLB", elem_id="download-glb")
                     obj_btn = gr.DownloadButton("OBJ (zip)", elem_id="download-obj")
                     ply_btn = gr.DownloadButton("Gaussians (PLY)", elem_id="download-ply")
                     report_btn = gr.DownloadButton("Report (JSON)", elem_id="download-report")
+                views = gr.Image(label="8 views", type="filepath", interactive=False, elem_id="views")
         # The GLB reaches the 3D viewer in a second step: gradio 6.31's Model3D draws nothing
         # when its value comes from a generator (checked in headless Chromium).
         button.click(generate,
