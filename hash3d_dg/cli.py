@@ -67,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Gaussian rasterizer (default: config, auto = gsplat on CUDA else torch)")
     p.add_argument("--backend-mesh", choices=["auto", "torch", "nvdiffrast"],
                    help="mesh rasterizer (default: config, auto = nvdiffrast on CUDA else torch)")
+    # Batch runs on Ray (hash3d_dg.batch_ray): one actor per GPU, or --ray-workers CPU actors.
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run the images on Ray: no ADDRESS = a local Ray instance, 'auto' or host:port = "
+                        "an existing cluster; writes OUTPUT/batch_report.json")
+    p.add_argument("--ray-workers", type=int, metavar="N",
+                   help="with --ray: number of workers (default: one per GPU, or 1 CPU worker without GPUs)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --ray: rerun images whose complete result already exists (default: skip them)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
@@ -227,9 +235,18 @@ def _summary_line(name: str, report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["app"]:  # `hash3d-dg app ...`: the web page
+        from hash3d_dg.app import main as app_main
+
+        return app_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.debug)
+    if args.ray is not None:
+        from hash3d_dg import batch_ray
+
+        return batch_ray.main(args)
     log = logging.getLogger("hash3d_dg")
     current: str | None = None
     finished: list[str] = []

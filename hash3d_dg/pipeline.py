@@ -68,17 +68,21 @@ def tiny_model_dir(family: str = "stable", seed: int = 0) -> Path:
     return target
 
 
-def build_guidance(cfg: RunConfig, device: torch.device, dtype: torch.dtype):
-    """Zero-1-to-3 guidance whose UNet runs through the Hash3D cache (or none when mode=off)."""
+def build_guidance(cfg: RunConfig, device: torch.device, dtype: torch.dtype, components=None):
+    """Zero-1-to-3 guidance whose UNet runs through the Hash3D cache (or none when mode=off).
+
+    ``components``: an already loaded checkpoint to wrap instead of loading ``cfg.guidance.model``.
+    """
     from hash3d_dg.cache import CachedDenoiser, Hash3DCache, UNetSplit
     from hash3d_dg.guidance import Zero123Guidance, load_zero123
 
-    model = cfg.guidance.model
-    family = cfg.guidance.family
-    if model == TINY_MODEL:
-        family = "stable" if family == "auto" else family
-        model = str(tiny_model_dir(family))
-    components = load_zero123(model, device=device, dtype=dtype, family=family)
+    if components is None:
+        model = cfg.guidance.model
+        family = cfg.guidance.family
+        if model == TINY_MODEL:
+            family = "stable" if family == "auto" else family
+            model = str(tiny_model_dir(family))
+        components = load_zero123(model, device=device, dtype=dtype, family=family)
     cache = Hash3DCache(cfg.hash3d, seed=cfg.seed) if cfg.hash3d.mode != "off" else None
     denoiser = CachedDenoiser(UNetSplit(components.unet, cfg.hash3d.cache_point), cache)
     return Zero123Guidance(components, denoiser=denoiser, guidance_scale=cfg.guidance.guidance_scale,
@@ -109,6 +113,18 @@ class RunContext:
         cfg = copy.deepcopy(cfg)  # every render of the run uses the resolved backends
         cfg.stage1.backend, cfg.stage2.backend = gaussian_backend, mesh_backend
         return cls(cfg, device, dtype, gaussian_backend, mesh_backend, progress)
+
+    def with_config(self, cfg: RunConfig) -> "RunContext":
+        """A context for ``cfg`` (one web-app job's options) that reuses this context's loaded
+        model when model, family, device and dtype agree; the Hash3D table and the guidance
+        wrapper are built anew from ``cfg``, so no state of an earlier job carries over."""
+        other = RunContext.create(cfg, progress=self.progress)
+        same_model = (other.device, other.dtype, cfg.guidance.model, cfg.guidance.family) == (
+            self.device, self.dtype, self.cfg.guidance.model, self.cfg.guidance.family)
+        if same_model and self._guidance is not None and other.needs_guidance:
+            other._guidance = build_guidance(other.cfg, other.device, other.dtype,
+                                             components=self._guidance.components)
+        return other
 
     @property
     def needs_guidance(self) -> bool:
@@ -186,8 +202,14 @@ def _load_stage1_result(out: OutputFolder, name: str, device) -> tuple[PreparedI
 
 
 def run_image(image_path: str | Path, ctx: RunContext, output_root: str | Path = "logs",
-              name: str | None = None, stage: str = "all") -> dict:
-    """Run the product on one image; returns the report (also written as <name>_report.json)."""
+              name: str | None = None, stage: str = "all", progress_callback=None) -> dict:
+    """Run the product on one image; returns the report (also written as <name>_report.json).
+
+    ``progress_callback``, if given, receives one dict per event: ``{"stage": "preprocess",
+    "rgba": [H, W, 4] float array}`` once the input is prepared, each stage iteration (see
+    ``run_stage1``), and ``{"stage": "mesh"}`` / ``{"stage": "export"}`` as those phases start.
+    """
+    notify = progress_callback or (lambda event: None)
     cfg = ctx.cfg
     image_path = Path(image_path)
     name = name or image_path.stem.removesuffix("_rgba")
@@ -214,6 +236,7 @@ def run_image(image_path: str | Path, ctx: RunContext, output_root: str | Path =
             save_image_atomic(out.path(f"{name}_rgba.png"), prepared.rgba)
         report["preprocess"] = {"seconds": round(time.perf_counter() - t0, 3),
                                 "had_alpha": prepared.had_alpha, "matting": prepared.matting}
+        notify({"stage": "preprocess", "rgba": prepared.rgba})
         ref = ReferenceView.from_rgba(prepared.rgba, cfg.elevation, cfg.radius, cfg.fovy,
                                       cfg.stage1.ref_size, ctx.device)
         guidance = ctx.guidance_for_image()
@@ -224,7 +247,7 @@ def run_image(image_path: str | Path, ctx: RunContext, output_root: str | Path =
         # 2. Stage 1: Gaussians.
         if stage in ("all", "1"):
             log.info(f"[{name}] stage 1: {cfg.stage1.iters} iterations")
-            s1 = run_stage1(ref, cfg, guidance, progress=ctx.progress)
+            s1 = run_stage1(ref, cfg, guidance, progress=ctx.progress, progress_callback=progress_callback)
             gaussians = s1.gaussians
             report["stage1"] = s1.report
             save_ply(gaussians, out.path(f"{name}_gaussians.ply"))
@@ -232,14 +255,16 @@ def run_image(image_path: str | Path, ctx: RunContext, output_root: str | Path =
         # 3. Mesh and 4. stage 2; 5. export.
         if stage in ("all", "2"):
             log.info(f"[{name}] mesh")
+            notify({"stage": "mesh"})
             mesh, report["mesh"] = extract_textured_mesh(gaussians, cfg)
             if guidance is not None and guidance.denoiser.cache is not None:
                 guidance.denoiser.cache.clear()  # stage 2 starts with an empty table
             log.info(f"[{name}] stage 2: {cfg.stage2.iters} iterations")
-            s2 = run_stage2(mesh, ref, cfg, guidance, progress=ctx.progress)
+            s2 = run_stage2(mesh, ref, cfg, guidance, progress=ctx.progress, progress_callback=progress_callback)
             mesh = s2.mesh
             report["stage2"] = s2.report
             log.info(f"[{name}] export")
+            notify({"stage": "export"})
             t0 = time.perf_counter()
             export_glb(mesh, out.path(f"{name}.glb"))
             export_obj(mesh, out.path(f"{name}.obj"))

@@ -44,11 +44,13 @@ def evaluate_reference(gaussians: GaussianModel, ref: ReferenceView, backend: st
 
 
 def run_stage1(ref: ReferenceView, cfg: RunConfig, guidance=None, progress: bool = True,
-               gaussians: GaussianModel | None = None) -> Stage1Result:
+               gaussians: GaussianModel | None = None, progress_callback=None) -> Stage1Result:
     """Optimise Gaussians for ``cfg.stage1.iters`` steps.
 
     ``guidance`` is a ``Zero123Guidance`` with its reference already set, or None (then only the
-    reference view is fitted, as with ``guidance.lambda_zero123=0``).
+    reference view is fitted, as with ``guidance.lambda_zero123=0``). ``progress_callback``, if
+    given, is called after every iteration with ``{"stage": "stage1", "step", "total", "loss",
+    "hit_rate"}`` (what the progress bar shows, for a web page).
     """
     s1 = cfg.stage1
     device = ref.rgb.device
@@ -129,6 +131,9 @@ def run_stage1(ref: ReferenceView, cfg: RunConfig, guidance=None, progress: bool
             loss_value = float(loss.detach())
             if progress:
                 bar.set_postfix(meter.postfix(loss_value, pts=gaussians.num_points))
+            if progress_callback is not None:
+                progress_callback({"stage": "stage1", "step": step, "total": s1.iters,
+                                   "loss": loss_value, "hit_rate": meter.hit_rate()})
     bar.close()
 
     # DreamGaussian's final clean-up: transparent or oversized (> 0.1 world units) Gaussians.

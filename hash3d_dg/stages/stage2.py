@@ -48,9 +48,10 @@ def render_supersampled(mesh: Mesh, camera: Camera, size: int, ssaa: float, albe
 
 
 def run_stage2(mesh: Mesh, ref: ReferenceView, cfg: RunConfig, guidance=None,
-               progress: bool = True) -> Stage2Result:
+               progress: bool = True, progress_callback=None) -> Stage2Result:
     """Optimise the albedo (and vertex offsets when ``stage2.geom_lr > 0``) for
-    ``cfg.stage2.iters`` steps; returns the refined mesh."""
+    ``cfg.stage2.iters`` steps; returns the refined mesh. ``progress_callback`` as in
+    ``run_stage1`` (with ``"stage": "stage2"``)."""
     s2 = cfg.stage2
     device = ref.rgb.device
     rng = np.random.default_rng(cfg.seed + 1)
@@ -118,6 +119,9 @@ def run_stage2(mesh: Mesh, ref: ReferenceView, cfg: RunConfig, guidance=None,
             loss_value = float(loss.detach())
             if progress:
                 bar.set_postfix(meter.postfix(loss_value))
+            if progress_callback is not None:
+                progress_callback({"stage": "stage2", "step": step, "total": s2.iters,
+                                   "loss": loss_value, "hit_rate": meter.hit_rate()})
     bar.close()
 
     with torch.no_grad():
