@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from hash3d_dg.gaussians.projection import project_gaussians
+from hash3d_dg.gaussians.rasterize_torch import MAX_ALPHA
 from hash3d_dg.gaussians.render_result import GaussianRender
 
 
@@ -24,15 +25,33 @@ def rasterize_gsplat(means: Tensor, quats: Tensor, scales: Tensor, opacities: Te
     Calls gsplat's public building blocks (projection, tile intersection, rasterization)
     rather than ``gsplat.rasterization`` so that the [N, 2] ``means2d`` handed back is the very
     tensor fed to the rasterizer (its ``.grad`` is then the pixel-space gradient).
-    gsplat's radii are per-axis (opacity-aware, <= 3.33 sigma); the max over the two axes is
-    returned.
+
+    Made to agree with the reference (3DGS / DreamGaussian's rasterizer, and the torch backend):
+
+    * alpha clamp: gsplat's kernels clamp ``alpha = min(0.999, o * g)``, the reference clamps at
+      0.99. The opacities are passed clamped at 0.99 (straight-through: the gradient is not cut),
+      so for ``o <= 0.99`` the result is the reference's exactly and above it each alpha is
+      within 1 % of the reference's (``0.99 g`` instead of ``min(0.99, o g)``);
+    * radii: gsplat's are per-axis, up to 3.33 sigma and 0 below opacity 1/255 (opacity-aware);
+      the radii returned here are the reference's ``ceil(3 sqrt(max eigenvalue))`` with the
+      same visibility test as the torch backend (``project_gaussians``), so densification
+      statistics (which count a Gaussian as seen when its radius is > 0) do not depend on the
+      backend. A Gaussian visible by that rule but culled by gsplat touches no pixel and gets a
+      zero gradient, as in the torch backend;
+    * ``means2d`` of Gaussians gsplat culls is uninitialised memory in gsplat: those rows are
+      replaced by our projection (they are not rasterized, so nothing else changes).
     """
     import gsplat
 
+    clamped = opacities - (opacities - opacities.clamp(max=MAX_ALPHA)).detach()
     radii2, means2d_c, depths, conics, _ = gsplat.fully_fused_projection(
         means, None, quats, scales, viewmat[None], K[None], width, height, eps2d=0.3,
-        near_plane=near, far_plane=far, packed=False, opacities=opacities)
-    means2d = means2d_c[0]
+        near_plane=near, far_plane=far, packed=False, opacities=clamped)
+    with torch.no_grad():
+        ours = project_gaussians(means.detach(), quats.detach(), scales.detach(), viewmat, K,
+                                 width, height, near=near, far=far)
+        drawn = (radii2[0] > 0).all(dim=-1)
+    means2d = torch.where(drawn[:, None], means2d_c[0], ours.means2d)
     if means2d.requires_grad:
         means2d.retain_grad()
     feats = torch.cat([colors, depths[0][:, None]], dim=-1)[None]  # [1, N, 4]
@@ -42,18 +61,18 @@ def rasterize_gsplat(means: Tensor, quats: Tensor, scales: Tensor, opacities: Te
     offsets = gsplat.isect_offset_encode(isect_ids, 1, tiles_x, tiles_y).reshape(
         1, tiles_y, tiles_x)
     bg = torch.cat([background.to(feats), feats.new_zeros(1)])[None]
-    rgbd, alpha = gsplat.rasterize_to_pixels(means2d[None], conics, feats, opacities[None],
+    rgbd, alpha = gsplat.rasterize_to_pixels(means2d[None], conics, feats, clamped[None],
                                              width, height, tile_size, offsets, flatten_ids,
                                              backgrounds=bg)
-    radii = radii2[0].max(dim=-1).values.to(torch.int32)
     return GaussianRender(image=rgbd[0, ..., :3], alpha=alpha[0], depth=rgbd[0, ..., 3:4],
-                          radii=radii, means2d=means2d, backend="gsplat")
+                          radii=ours.radii, means2d=means2d, backend="gsplat")
 
 
 def _inria_projection_matrix(near: float, far: float, tan_half_fovx: float,
-                             tan_half_fovy: float) -> Tensor:
+                             tan_half_fovy: float, device: torch.device | str = "cpu"
+                             ) -> Tensor:
     """3DGS ``getProjectionMatrix``: OpenCV camera space -> clip space with z in [0, 1]."""
-    proj = torch.zeros(4, 4, dtype=torch.float64)
+    proj = torch.zeros(4, 4, dtype=torch.float64, device=device)
     proj[0, 0] = 1.0 / tan_half_fovx
     proj[1, 1] = 1.0 / tan_half_fovy
     proj[3, 2] = 1.0
@@ -81,7 +100,8 @@ def rasterize_inria(means: Tensor, quats: Tensor, scales: Tensor, opacities: Ten
     fx, fy = float(K[0, 0]), float(K[1, 1])
     tanfovx, tanfovy = 0.5 * width / fx, 0.5 * height / fy
     view_t = viewmat.detach().double().T.contiguous()
-    full_proj = view_t @ _inria_projection_matrix(near, far, tanfovx, tanfovy).T
+    full_proj = view_t @ _inria_projection_matrix(near, far, tanfovx, tanfovy,
+                                                  device=view_t.device).T
     campos = torch.linalg.inv(viewmat.detach().double())[:3, 3]
     dev = means.device
     fields = dict(image_height=int(height), image_width=int(width), tanfovx=tanfovx,
@@ -96,7 +116,8 @@ def rasterize_inria(means: Tensor, quats: Tensor, scales: Tensor, opacities: Ten
                              width, height, near=near, far=far)
     delta = torch.zeros_like(proj.means2d, requires_grad=True)
     means2d = proj.means2d + delta
-    means2d.retain_grad()
+    if means2d.requires_grad:  # False under torch.no_grad() (evaluation, baking)
+        means2d.retain_grad()
     ndc_per_px = torch.tensor([2.0 / width, 2.0 / height], dtype=means2d.dtype, device=dev)
     screen = torch.cat([(means2d - means2d.detach()) * ndc_per_px,
                         means2d.new_zeros(means2d.shape[0], 1)], dim=-1)
