@@ -220,11 +220,34 @@ def _compare_mesh(device) -> dict:
                 grads["nvdiffrast"].flatten(), grads["torch"].flatten(), dim=0))}
 
 
+_PROBE = """
+import sys
+from hash3d_dg.gaussians import resolve_gaussian_backend
+assert resolve_gaussian_backend("torch", "cuda") == "torch"
+try:
+    resolve_gaussian_backend("inria", "cuda")
+except ValueError:
+    pass
+print(sorted(m for m in sys.modules if m == "gsplat" or m.startswith("gsplat.")))
+"""
+
+
+def probe_isolation() -> dict:
+    """Resolving ``torch`` or ``inria`` on CUDA must not import gsplat (whose op load may start
+    its JIT build): checked in a fresh interpreter."""
+    done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
+                          timeout=120, cwd=REPO_ROOT)
+    loaded = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-300:]
+    return {"ok": done.returncode == 0 and loaded == "[]", "gsplat_modules_loaded": loaded}
+
+
 def part_compare(backends: list[str]) -> dict:
     import torch
 
     device = torch.device("cuda")
     result: dict = {"gaussian": {}, "mesh": {}, "checks": {}}
+    result["probe_isolation"] = probe_isolation()
+    result["checks"]["probe-isolation"] = result["probe_isolation"]["ok"]
     for backend in (b for b in GAUSSIAN_CUDA if b in backends):
         for label, rng in (("mid", (0.05, 0.95)), ("near1", (0.95, 1.0))):
             name = f"{backend}-{label}"
