@@ -197,16 +197,17 @@ def composite_gaussians(means2d: Tensor, conics: Tensor, cov2d: Tensor, depths: 
         tile_ids = torch.arange(n_tiles, device=device)
         tile_origin = torch.stack([tile_ids % tiles_x, tile_ids // tiles_x], -1).to(dtype) * ts
 
-        # group consecutive tiles into chunks of at most max_chunk_elements pair-pixels
-        starts_np = tile_start.cpu().numpy()
+        # group consecutive tiles into chunks of at most max_chunk_elements pair-pixels (one
+        # device-to-host copy; the chunk loop below then reads only host values)
+        starts_np, counts_np = torch.stack([tile_start, tile_counts]).cpu().numpy()
         chunk_of_tile = starts_np * area // max(int(max_chunk_elements), area)
         bounds = [0, *(np.nonzero(np.diff(chunk_of_tile))[0] + 1).tolist(), n_tiles]
 
     feats = torch.cat([colors, depths[:, None]], dim=-1)
     outs, out_tiles = [], []
     for t0, t1 in zip(bounds[:-1], bounds[1:]):
-        p0 = int(tile_start[t0])
-        p1 = int(tile_start[t1 - 1] + tile_counts[t1 - 1])
+        p0 = int(starts_np[t0])
+        p1 = int(starts_np[t1 - 1] + counts_np[t1 - 1])
         if p1 <= p0:
             continue
         gid = pair_gauss[p0:p1]
