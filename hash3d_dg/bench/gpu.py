@@ -12,7 +12,7 @@ reported and the next part still runs), inside one overall budget:
    CLIP ViT-L/14) written as fp16 safetensors in the real checkpoint layout.
 3. tests: ``pytest -m cuda`` (tests of a backend that failed to build are deselected).
 4. compare: every built CUDA backend against its torch twin on the GPU: image, alpha, depth,
-   means2d and its gradient, radii / visibility counts, the 0.99 alpha clamp (Gaussians, at mid
+   means2d and its gradient, radii / visibility counts, the alpha cap (3DGS 0.99; gsplat 0.999, documented) (Gaussians, at mid
    and near-1 opacities); tri_id, rgb, depth and the texture gradient (mesh).
 5. timing: milliseconds per render, forward and forward+backward, and host syncs per call (CUDA
    sync debug mode), per backend: Gaussians torch / gsplat / inria, mesh torch / nvdiffrast.

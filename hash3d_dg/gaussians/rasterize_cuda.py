@@ -12,8 +12,10 @@ import torch
 from torch import Tensor
 
 from hash3d_dg.gaussians.projection import project_gaussians
-from hash3d_dg.gaussians.rasterize_torch import MAX_ALPHA
 from hash3d_dg.gaussians.render_result import GaussianRender
+
+GSPLAT_MAX_ALPHA = 0.999
+"""gsplat 1.5.3's per-Gaussian alpha cap (``RasterizeToPixels3DGSFwd.cu``); the reference is 0.99."""
 
 
 def rasterize_gsplat(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor,
@@ -26,27 +28,31 @@ def rasterize_gsplat(means: Tensor, quats: Tensor, scales: Tensor, opacities: Te
     rather than ``gsplat.rasterization`` so that the [N, 2] ``means2d`` handed back is the very
     tensor fed to the rasterizer (its ``.grad`` is then the pixel-space gradient).
 
-    Made to agree with the reference (3DGS / DreamGaussian's rasterizer, and the torch backend):
+    Agreement with the reference (3DGS / DreamGaussian's rasterizer, and the torch backend):
 
-    * alpha clamp: gsplat's kernels clamp ``alpha = min(0.999, o * g)``, the reference clamps at
-      0.99. The opacities are passed clamped at 0.99 (straight-through: the gradient is not cut),
-      so for ``o <= 0.99`` the result is the reference's exactly and above it each alpha is
-      within 1 % of the reference's (``0.99 g`` instead of ``min(0.99, o g)``);
+    * alpha cap: gsplat's kernels compute ``alpha = min(GSPLAT_MAX_ALPHA, o * g)`` with 0.999,
+      the reference ``min(0.99, o * g)``. They differ only where ``o * g > 0.99``, the
+      cores of near-opaque Gaussians, which there let 0.1 % of what lies behind through instead
+      of 1 %. It is left as is: passing opacities clamped at 0.99 would fix the cap but scale
+      every pixel of those Gaussians by up to 1 %, and measured farther from the reference
+      (``tools/alpha_clamp.py``, torch backend emulating both: mean image error 1.3e-4 against
+      1.0e-6 unclamped, means2d-gradient error 3.5e-3 against 1.1e-3, 3000 Gaussians of
+      opacity 0.95-1). ``rasterize_torch(..., max_alpha=GSPLAT_MAX_ALPHA)`` reproduces gsplat;
     * radii: gsplat's are per-axis, up to 3.33 sigma and 0 below opacity 1/255 (opacity-aware);
       the radii returned here are the reference's ``ceil(3 sqrt(max eigenvalue))`` with the
       same visibility test as the torch backend (``project_gaussians``), so densification
       statistics (which count a Gaussian as seen when its radius is > 0) do not depend on the
       backend. A Gaussian visible by that rule but culled by gsplat touches no pixel and gets a
-      zero gradient, as in the torch backend;
+      zero gradient, as in the torch backend (``tools/radii_visibility.py`` measured the
+      difference the rules make);
     * ``means2d`` of Gaussians gsplat culls is uninitialised memory in gsplat: those rows are
       replaced by our projection (they are not rasterized, so nothing else changes).
     """
     import gsplat
 
-    clamped = opacities - (opacities - opacities.clamp(max=MAX_ALPHA)).detach()
     radii2, means2d_c, depths, conics, _ = gsplat.fully_fused_projection(
         means, None, quats, scales, viewmat[None], K[None], width, height, eps2d=0.3,
-        near_plane=near, far_plane=far, packed=False, opacities=clamped)
+        near_plane=near, far_plane=far, packed=False, opacities=opacities)
     with torch.no_grad():
         ours = project_gaussians(means.detach(), quats.detach(), scales.detach(), viewmat, K,
                                  width, height, near=near, far=far)
@@ -61,7 +67,7 @@ def rasterize_gsplat(means: Tensor, quats: Tensor, scales: Tensor, opacities: Te
     offsets = gsplat.isect_offset_encode(isect_ids, 1, tiles_x, tiles_y).reshape(
         1, tiles_y, tiles_x)
     bg = torch.cat([background.to(feats), feats.new_zeros(1)])[None]
-    rgbd, alpha = gsplat.rasterize_to_pixels(means2d[None], conics, feats, clamped[None],
+    rgbd, alpha = gsplat.rasterize_to_pixels(means2d[None], conics, feats, opacities[None],
                                              width, height, tile_size, offsets, flatten_ids,
                                              backgrounds=bg)
     return GaussianRender(image=rgbd[0, ..., :3], alpha=alpha[0], depth=rgbd[0, ..., 3:4],

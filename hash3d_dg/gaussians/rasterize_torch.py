@@ -44,7 +44,7 @@ _LOG_T_STOP = math.log(T_STOP)
 
 
 def _pair_alpha(means: Tensor, conics: Tensor, opacities: Tensor, origins: Tensor,
-                offsets: Tensor) -> tuple[Tensor, ...]:
+                offsets: Tensor, max_alpha: float = MAX_ALPHA) -> tuple[Tensor, ...]:
     """Alpha of each (Gaussian-tile pair, tile pixel).
 
     means [P, 2], conics [P, 3], opacities [P], origins [P, 2] (tile corner in pixels),
@@ -58,7 +58,7 @@ def _pair_alpha(means: Tensor, conics: Tensor, opacities: Tensor, origins: Tenso
     gauss = torch.exp(power)
     raw = opacities[:, None] * gauss
     live = (power <= 0) & (raw >= ALPHA_THRESHOLD)
-    alpha = torch.where(live, raw.clamp(max=MAX_ALPHA), torch.zeros_like(raw))
+    alpha = torch.where(live, raw.clamp(max=max_alpha), torch.zeros_like(raw))
     return dx, dy, gauss, raw, alpha, live
 
 
@@ -78,14 +78,14 @@ class _CompositeChunk(torch.autograd.Function):
     """Composite one chunk of Gaussian-tile pairs (sorted by tile, then depth).
 
     forward(means [P,2], conics [P,3], opacities [P], feats [P,F], origins [P,2], offsets [A,2],
-            seg_first [P], seg_last [P], tiles [P] (chunk-local tile index), n_tiles)
+            seg_first [P], seg_last [P], tiles [P] (chunk-local tile index), n_tiles, max_alpha)
     -> feat_sum [n_tiles, A, F] (sum_i w_i f_i), log_t [n_tiles, A] (log final transmittance).
     """
 
     @staticmethod
     def forward(ctx, means, conics, opacities, feats, origins, offsets, seg_first, seg_last,
-                tiles, n_tiles):
-        _, _, _, _, alpha, _ = _pair_alpha(means, conics, opacities, origins, offsets)
+                tiles, n_tiles, max_alpha):
+        _, _, _, _, alpha, _ = _pair_alpha(means, conics, opacities, origins, offsets, max_alpha)
         trans, keep, log1m = _transmittance(alpha, seg_first)
         trans_k = (trans * keep).to(alpha.dtype)  # T_i, 0 after the early stop
         w = alpha * trans_k
@@ -97,13 +97,16 @@ class _CompositeChunk(torch.autograd.Function):
         # T is kept (one value per pair-pixel) so backward skips the scan; the rest is recomputed
         ctx.save_for_backward(means, conics, opacities, feats, origins, offsets, seg_last, tiles,
                               trans_k)
+        ctx.max_alpha = max_alpha
         return feat_sum, log_t.to(feats.dtype)
 
     @staticmethod
     def backward(ctx, g_feat_sum, g_log_t):
         means, conics, opacities, feats, origins, offsets, seg_last, tiles, trans_k = \
             ctx.saved_tensors
-        dx, dy, gauss, raw, alpha, live = _pair_alpha(means, conics, opacities, origins, offsets)
+        max_alpha = ctx.max_alpha
+        dx, dy, gauss, raw, alpha, live = _pair_alpha(means, conics, opacities, origins, offsets,
+                                                      max_alpha)
         w = alpha * trans_k
 
         g_pix = g_feat_sum[tiles]  # [P, A, F]
@@ -118,7 +121,7 @@ class _CompositeChunk(torch.autograd.Function):
         g_alpha = torch.where(kept, trans_k * fg - (suffix + g_log_t[tiles]) / (1.0 - alpha),
                               torch.zeros_like(alpha))
 
-        g_raw = torch.where(live & (raw < MAX_ALPHA), g_alpha, torch.zeros_like(g_alpha))
+        g_raw = torch.where(live & (raw < max_alpha), g_alpha, torch.zeros_like(g_alpha))
         grad_opac = (g_raw * gauss).sum(1)
         g_power = g_raw * raw
         gp_dx, gp_dy = g_power * dx, g_power * dy
@@ -128,7 +131,7 @@ class _CompositeChunk(torch.autograd.Function):
         ca, cb, cc = conics.unbind(-1)
         grad_means = torch.stack([ca * sum_dx + cb * sum_dy, cb * sum_dx + cc * sum_dy], dim=-1)
         return (grad_means, grad_conics, grad_opac, grad_feats,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def _footprint_pixels(means2d: Tensor, cov2d: Tensor, opacities: Tensor, in_depth: Tensor,
@@ -156,7 +159,8 @@ def _footprint_pixels(means2d: Tensor, cov2d: Tensor, opacities: Tensor, in_dept
 def composite_gaussians(means2d: Tensor, conics: Tensor, cov2d: Tensor, depths: Tensor,
                         in_depth: Tensor, opacities: Tensor, colors: Tensor, background: Tensor,
                         width: int, height: int, tile_size: int = 8,
-                        max_chunk_elements: int = 1 << 21) -> tuple[Tensor, Tensor, Tensor]:
+                        max_chunk_elements: int = 1 << 21, max_alpha: float = MAX_ALPHA
+                        ) -> tuple[Tensor, Tensor, Tensor]:
     """Alpha-composite projected Gaussians into an image.
 
     Args:
@@ -164,6 +168,8 @@ def composite_gaussians(means2d: Tensor, conics: Tensor, cov2d: Tensor, depths: 
         opacities: [N] in [0, 1]; colors: [N, 3]; background: [3].
         tile_size: tile edge in pixels (the result does not depend on it).
         max_chunk_elements: bound on (pairs x tile pixels) processed at once.
+        max_alpha: the per-Gaussian alpha cap (0.99: 3DGS / DreamGaussian, the reference;
+            0.999 reproduces gsplat's kernels).
 
     Returns:
         image [H, W, 3] (over the background), alpha [H, W, 1], depth [H, W, 1].
@@ -216,7 +222,8 @@ def composite_gaussians(means2d: Tensor, conics: Tensor, cov2d: Tensor, depths: 
         seg_last = seg_first + tile_counts[pair_tile[p0:p1]] - 1
         feat_sum, log_t = _CompositeChunk.apply(
             means2d[gid], conics[gid], opacities[gid], feats[gid],
-            tile_origin[pair_tile[p0:p1]], offsets, seg_first, seg_last, tiles_local, t1 - t0)
+            tile_origin[pair_tile[p0:p1]], offsets, seg_first, seg_last, tiles_local, t1 - t0,
+            float(max_alpha))
         outs.append(torch.cat([feat_sum, log_t[..., None]], dim=-1))
         out_tiles.append(torch.arange(t0, t1, device=device))
 
@@ -233,13 +240,15 @@ def composite_gaussians(means2d: Tensor, conics: Tensor, cov2d: Tensor, depths: 
 def rasterize_torch(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor,
                     colors: Tensor, viewmat: Tensor, K: Tensor, width: int, height: int,
                     background: Tensor, near: float = 0.01, far: float = 1e10,
-                    tile_size: int = 8, max_chunk_elements: int = 1 << 21) -> GaussianRender:
+                    tile_size: int = 8, max_chunk_elements: int = 1 << 21,
+                    max_alpha: float = MAX_ALPHA) -> GaussianRender:
     """Render Gaussians with the pure-PyTorch backend.
 
     Args:
         means [N, 3], quats [N, 4] (wxyz, any norm), scales [N, 3] (activated),
         opacities [N] (in [0, 1]), colors [N, 3]; viewmat [4, 4] world-to-camera (OpenCV);
-        K [3, 3]; background [3]; near/far: depth culling planes.
+        K [3, 3]; background [3]; near/far: depth culling planes; max_alpha: the alpha cap
+        (see ``composite_gaussians``).
     """
     proj: Projection = project_gaussians(means, quats, scales, viewmat, K, width, height,
                                          near=near, far=far)
@@ -248,6 +257,7 @@ def rasterize_torch(means: Tensor, quats: Tensor, scales: Tensor, opacities: Ten
         means2d.retain_grad()
     image, alpha, depth = composite_gaussians(
         means2d, proj.conics, proj.cov2d, proj.depths, proj.in_depth, opacities, colors,
-        background, width, height, tile_size=tile_size, max_chunk_elements=max_chunk_elements)
+        background, width, height, tile_size=tile_size, max_chunk_elements=max_chunk_elements,
+        max_alpha=max_alpha)
     return GaussianRender(image=image, alpha=alpha, depth=depth, radii=proj.radii,
                           means2d=means2d, backend="torch")
