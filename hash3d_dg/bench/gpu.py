@@ -223,8 +223,10 @@ def run_bench(args) -> int:
     elif limit("tests") < MIN_START:
         skipped("tests", "no time left in the budget")
     else:
-        finish("tests", run_command_part("tests", _part_cmd("tests", out, *backends_arg),
-                                         out / "logs" / "tests.log", limit("tests"), env))
+        budget = limit("tests")  # pytest gets 10 s less, so its partial output is kept
+        finish("tests", run_command_part(
+            "tests", _part_cmd("tests", out, "--timeout-s", str(max(10, int(budget) - 10)),
+                               *backends_arg), out / "logs" / "tests.log", budget, env))
 
     # 4-5. comparisons and timings
     for name in ("compare", "timing"):
@@ -269,8 +271,10 @@ def failures(results: dict) -> list[str]:
             continue
         if part.get("status") != "ok":
             bad.append(f"{name}: {part.get('status')}")
-        elif name == "tests" and (part.get("failed", 0) or part.get("errors", 0)):
-            bad.append(f"tests: {part.get('failed', 0)} failed, {part.get('errors', 0)} errors")
+        elif name == "tests" and (part.get("failed", 0) or part.get("errors", 0)
+                                  or part.get("timed_out") or part.get("returncode") not in (0, 5)):
+            bad.append(f"tests: {part.get('failed', 0)} failed, {part.get('errors', 0)} errors, "
+                       f"pytest exit status {part.get('returncode')}")
         elif name == "compare":
             bad += [f"compare {k}" for k, v in part.get("checks", {}).items() if not v]
         elif name.startswith("e2e") and part.get("finite") is False:
