@@ -5,14 +5,14 @@
 #   run(command="bash tools/gpu_check.sh", carry=[".whl", "third_party"], timeout_s=600)
 #   ("third_party" only if you fetched the optional CUDA sources below.)
 #
-# Prepare the wheels here once (27 MB together, under the 40 MB limit; /.whl/ is git-ignored):
+# Prepare the wheels here once (28 MB together, under the 40 MB limit; /.whl/ is git-ignored):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
 #     --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
 #     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
 #     diffusers==0.42.1 transformers==5.24.0 gsplat==1.5.3 trimesh==5.2.0 xatlas==0.0.11 \
-#     PyMCubes==0.1.6 fast_simplification==0.2.0
-# Everything else they need is on the machine's image (torch 2.11 + CUDA 13, nvcc, ninja,
+#     PyMCubes==0.1.6 fast_simplification==0.2.0 regex==2026.11.19
+# (regex: transformers 5.24 checks regex>=2025.10.22 at import.) Everything else they need is on the machine's image (torch 2.11 + CUDA 13, nvcc, ninja,
 # huggingface_hub 1.33, safetensors, accelerate, tokenizers, numpy, scipy, pillow, imageio,
 # jaxtyping, rich, pytest, pytest-timeout). rembg and imageio-ffmpeg are not needed: the sample
 # has alpha and the bench writes no video.
@@ -32,7 +32,7 @@ OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
 BENCH_DIR=/tmp/hash3d-bench
 export HASH3D_DG_BENCH_SCRATCH=/tmp/hash3d-dg-bench PYTHONUNBUFFERED=1
-export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export MAX_JOBS=${MAX_JOBS:-$(getconf _NPROCESSORS_ONLN)}  # not nproc: it follows OMP_NUM_THREADS
 elapsed() { echo $(( $(date +%s) - START )); }
 
 {
