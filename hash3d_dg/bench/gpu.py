@@ -65,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decimate-target", type=int, default=50_000,
                    help="mesh.decimate_target of the end-to-end runs (product default 100000; "
                         "xatlas time grows super-linearly with faces)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"],
+                   help="guidance.dtype of the end-to-end runs (default float16, the product's "
+                        "CUDA default)")
     p.add_argument("--checkpoint",
                    help="use this stable-zero123 checkpoint directory instead of writing random "
                         "full-size weights")
@@ -251,7 +254,8 @@ def run_bench(args) -> int:
         else:
             cmd = _part_cmd("e2e", out, "--mode", mode, "--checkpoint", str(ckpt),
                             "--iters", str(args.iters), "--iters-refine", str(args.iters_refine),
-                            "--decimate-target", str(args.decimate_target), *backends_arg)
+                            "--decimate-target", str(args.decimate_target),
+                            "--dtype", args.dtype, *backends_arg)
             finish(name, run_command_part(name, cmd, out / "logs" / f"{name}.log", limit(name), env))
 
     results["wall_s"] = round(time.monotonic() - t0, 1)

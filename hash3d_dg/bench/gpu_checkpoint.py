@@ -64,7 +64,7 @@ def write_random_checkpoint(path: str | Path, arch: str = "full", seed: int = 0,
                      "clip_camera_projection": CLIPCameraProjection(embedding_dim=embed_dim,
                                                                     additional_embeddings=4)}
     for name, module in parts.items():
-        module.half().save_pretrained(root / name, safe_serialization=True)
+        module.to("cpu", torch.float16).save_pretrained(root / name, safe_serialization=True)
         del module
     parts.clear()
     if device.type == "cuda":

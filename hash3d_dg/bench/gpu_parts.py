@@ -446,7 +446,7 @@ def build_config_ok(overrides: list[str], mode: str) -> bool:
 
 def part_e2e(mode: str, checkpoint: str, out: Path, iters: int, iters_refine: int,
              decimate_target: int, backends: list[str], device: str = "cuda",
-             extra: list[str] | None = None) -> dict:
+             extra: list[str] | None = None, dtype: str = "float16") -> dict:
     """One end-to-end run of the product in ``mode`` (fp16 on CUDA)."""
     import math
 
@@ -460,7 +460,7 @@ def part_e2e(mode: str, checkpoint: str, out: Path, iters: int, iters_refine: in
 
     on_cuda = torch.device(device).type == "cuda"
     overrides = [f"device={device}", f"guidance.model={checkpoint}", f"hash3d.mode={mode}",
-                 f"guidance.dtype={'float16' if on_cuda else 'float32'}",
+                 f"guidance.dtype={dtype if on_cuda else 'float32'}",
                  f"stage1.iters={iters}", f"stage2.iters={iters_refine}",
                  f"mesh.decimate_target={decimate_target}", "output.save_video=false",
                  f"stage1.backend={'gsplat' if 'gsplat' in backends else 'torch'}",
@@ -524,7 +524,7 @@ def _part_main(args) -> int:
         else:
             data = part_e2e(args.mode, args.checkpoint, out, args.iters, args.iters_refine,
                             args.decimate_target, args.backends, device=args.device,
-                            extra=args.set)
+                            extra=args.set, dtype=args.dtype)
     except Exception as exc:  # noqa: BLE001 - recorded, and the process fails
         import traceback
 
@@ -553,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--iters-refine", type=int, default=20)
     p.add_argument("--decimate-target", type=int, default=50_000)
+    p.add_argument("--dtype", default="float16", help="e2e: guidance.dtype on CUDA")
     p.add_argument("--device", default="cuda", help="timing / e2e only: cpu runs them small")
     p.add_argument("--quick", action="store_true", help="timing: one small case")
     p.add_argument("--set", nargs="*", default=[], help="e2e: extra config overrides key=value")
