@@ -56,7 +56,7 @@ def write_random_checkpoint(path: str | Path, arch: str = "full", seed: int = 0,
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         with torch.device(device):
             parts = {"unet": UNet2DConditionModel(**unet_cfg), "vae": AutoencoderKL(**vae_cfg),
