@@ -281,6 +281,29 @@ def test_backend_resolution_on_cpu():
     assert isinstance(status["gsplat"], str) and isinstance(status["inria"], str)
 
 
+def test_inria_camera_matrices_project_like_ours():
+    """The 3DGS rasterizer's matrices (row vectors; pixel centres at integers) put every point
+    where our projection does, at our depth, and the camera where Camera says it is."""
+    from hash3d_dg.gaussians.rasterize_cuda import inria_matrices
+
+    pts = (torch.rand(50, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+           * 2 - 1) * 0.6
+    for cam in (Camera.orbit(-20, 45, 2.0, 96, 80), Camera.orbit(30, -120, 1.7, 64)):
+        vm, K = cam.viewmat(dtype=torch.float64), cam.K(dtype=torch.float64)
+        view_t, full_proj, campos, _, _ = inria_matrices(vm, K, cam.width, cam.height,
+                                                         cam.near, cam.far)
+        hom = torch.cat([pts, torch.ones(50, 1, dtype=torch.float64)], -1)
+        clip = hom @ full_proj
+        ndc = clip[:, :2] / clip[:, 3:4]
+        pix_3dgs = ((ndc + 1) * torch.tensor([cam.width, cam.height]) - 1) * 0.5
+        ours = project_gaussians(pts, torch.tensor([[1.0, 0, 0, 0]]).double().expand(50, 4),
+                                 torch.full((50, 3), 0.01, dtype=torch.float64), vm, K,
+                                 cam.width, cam.height, near=cam.near, far=cam.far)
+        torch.testing.assert_close(pix_3dgs + 0.5, ours.means2d, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close((hom @ view_t)[:, 2], ours.depths, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(campos, torch.as_tensor(cam.campos, dtype=torch.float64))
+
+
 _PROBE_SCRIPT = """
 import sys, torch
 from hash3d_dg.gaussians import resolve_gaussian_backend

@@ -87,6 +87,24 @@ def _inria_projection_matrix(near: float, far: float, tan_half_fovx: float,
     return proj
 
 
+def inria_matrices(viewmat: Tensor, K: Tensor, width: int, height: int, near: float,
+                   far: float) -> tuple[Tensor, Tensor, Tensor, float, float]:
+    """The 3DGS rasterizer's camera inputs, float64 on ``viewmat``'s device.
+
+    Returns ``(viewmatrix, projmatrix, campos, tanfovx, tanfovy)``: the rasterizer multiplies
+    row vectors, ``[p, 1] @ viewmatrix`` (camera space) and ``[p, 1] @ projmatrix`` (clip space;
+    pixel ``((ndc + 1) W - 1) / 2``, centres at integers), so both are transposes of the
+    column-vector matrices.
+    """
+    fx, fy = float(K[0, 0]), float(K[1, 1])
+    tanfovx, tanfovy = 0.5 * width / fx, 0.5 * height / fy
+    view_t = viewmat.detach().double().T.contiguous()
+    full_proj = view_t @ _inria_projection_matrix(near, far, tanfovx, tanfovy,
+                                                  device=view_t.device).T
+    campos = torch.linalg.inv(viewmat.detach().double())[:3, 3]
+    return view_t, full_proj, campos, tanfovx, tanfovy
+
+
 def rasterize_inria(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor,
                     colors: Tensor, viewmat: Tensor, K: Tensor, width: int, height: int,
                     background: Tensor, near: float = 0.01, far: float = 100.0
@@ -99,16 +117,15 @@ def rasterize_inria(means: Tensor, quats: Tensor, scales: Tensor, opacities: Ten
     +0.5) wired so that its ``.grad`` is the pixel-space gradient, like the other backends.
     Depth and alpha come from the fork's extra outputs when present (DreamGaussian's fork returns
     image, radii, depth, alpha), otherwise from a second pass with colours (z, 1, 0).
+    Its own culling differs from ours at the edges: Gaussians at camera depth <= 0.2 are dropped
+    (3DGS ``in_frustum``; ours: ``near``), and its radii are zeroed when their 16-pixel tile
+    rectangle is empty. Under ``torch.no_grad()`` ``means2d`` carries no gradient.
     """
     from diff_gaussian_rasterization import (  # type: ignore[import-not-found]
         GaussianRasterizationSettings, GaussianRasterizer)
 
-    fx, fy = float(K[0, 0]), float(K[1, 1])
-    tanfovx, tanfovy = 0.5 * width / fx, 0.5 * height / fy
-    view_t = viewmat.detach().double().T.contiguous()
-    full_proj = view_t @ _inria_projection_matrix(near, far, tanfovx, tanfovy,
-                                                  device=view_t.device).T
-    campos = torch.linalg.inv(viewmat.detach().double())[:3, 3]
+    view_t, full_proj, campos, tanfovx, tanfovy = inria_matrices(viewmat, K, width, height,
+                                                                  near, far)
     dev = means.device
     fields = dict(image_height=int(height), image_width=int(width), tanfovx=tanfovx,
                   tanfovy=tanfovy, bg=background.float().to(dev), scale_modifier=1.0,
