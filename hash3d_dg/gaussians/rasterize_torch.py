@@ -23,6 +23,9 @@ gradient (3DGS's back-to-front suffix sums, done as a segmented scan) and keeps 
 per-pair inputs plus one transmittance value per pair-pixel between forward and backward,
 recomputing the rest.
 
+On CUDA a call syncs with the host twice (the pair count and the chunk bounds); everything else
+has shapes known in advance.
+
 Measured here (2 shared CPU cores, torch 2.13 CPU): 256x256, 5000 Gaussians of DreamGaussian's
 initial blob, forward + backward ~0.5 s with one thread.
 """
@@ -182,19 +185,26 @@ def composite_gaussians(means2d: Tensor, conics: Tensor, cov2d: Tensor, depths: 
     with torch.no_grad():
         xr, yr = _footprint_pixels(means2d.detach(), cov2d.detach(), opacities.detach(),
                                    in_depth, width, height)
-        drawn = torch.nonzero((xr[:, 0] <= xr[:, 1]) & (yr[:, 0] <= yr[:, 1])).squeeze(1)
-        order = drawn[torch.argsort(depths.detach()[drawn], stable=True)]
+        # Fixed shapes up to the pair count, so a CUDA call syncs with the host twice: for the
+        # number of (Gaussian, tile) pairs and for the chunk bounds below. Undrawn Gaussians
+        # sort last (stable, by depth otherwise) and get no pairs.
+        drawn = (xr[:, 0] <= xr[:, 1]) & (yr[:, 0] <= yr[:, 1])
+        key = torch.where(drawn, depths.detach(), torch.full_like(depths.detach(), math.inf))
+        order = torch.argsort(key, stable=True)
         tx0, tx1 = xr[order, 0] // ts, xr[order, 1] // ts
         ty0, ty1 = yr[order, 0] // ts, yr[order, 1] // ts
         nx = tx1 - tx0 + 1
-        counts = nx * (ty1 - ty0 + 1)
-        rank = torch.repeat_interleave(torch.arange(len(order), device=device), counts)
+        counts = torch.where(drawn[order], nx * (ty1 - ty0 + 1), torch.zeros_like(nx))
+        total = int(counts.sum())
+        rank = torch.repeat_interleave(torch.arange(len(order), device=device), counts,
+                                       output_size=total)
         first = torch.cumsum(counts, 0) - counts
-        local = torch.arange(len(rank), device=device) - first[rank]
+        local = torch.arange(total, device=device) - first[rank]
         pair_tile = (ty0[rank] + local // nx[rank]) * tiles_x + tx0[rank] + local % nx[rank]
         pair_tile, perm = torch.sort(pair_tile, stable=True)
         pair_gauss = order[rank[perm]]
-        tile_counts = torch.bincount(pair_tile, minlength=n_tiles)
+        tile_counts = torch.zeros(n_tiles, dtype=torch.long, device=device).index_add_(
+            0, pair_tile, torch.ones_like(pair_tile))
         tile_start = torch.cumsum(tile_counts, 0) - tile_counts
 
         iy, ix = torch.meshgrid(torch.arange(ts, device=device), torch.arange(ts, device=device),
