@@ -67,7 +67,7 @@ class GuidanceConfig:
     guidance_scale: float = 5.0
     image_size: int = 256  # guidance works on renders resized to this size
     lambda_zero123: float = 1.0  # weight of the SDS loss in stage 1 and the refine loss in stage 2
-    dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float16 | float32
+    dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float16 | bfloat16 | float32 (bf16: no fp16 overflow, on GPUs that have it)
 
 
 @dataclass
@@ -435,7 +435,7 @@ def validate(cfg: RunConfig) -> None:
     choices = [
         ("matting", cfg.matting, ("auto", "alpha", "rembg", "border")),
         ("guidance.family", g.family, ("auto", "stable", "xl")),
-        ("guidance.dtype", g.dtype, ("auto", "float16", "float32")),
+        ("guidance.dtype", g.dtype, ("auto", "float16", "bfloat16", "float32")),
     ]
     for key, value, allowed in choices:
         if value not in allowed:

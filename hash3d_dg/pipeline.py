@@ -46,7 +46,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.float16 if device.type == "cuda" else torch.float32
     if name == "float16" and device.type == "cpu":
         raise ConfigError("guidance.dtype float16 is not supported on CPU: use float32 or auto")
-    return {"float16": torch.float16, "float32": torch.float32}[name]
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 
 def tiny_model_dir(family: str = "stable", seed: int = 0) -> Path:

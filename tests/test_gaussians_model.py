@@ -99,6 +99,28 @@ def test_render_is_differentiable_to_all_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, key
 
 
+def test_render_clamps_the_image_to_unit_range_as_dreamgaussian():
+    from hash3d_dg.gaussians import rasterize_gaussians
+
+    m = small_model(20)
+    with torch.no_grad():
+        m.params["sh0"][:] = 6.0  # rgb = 0.5 + SH_C0 * 6 ~ 2.2: overexposed
+        m.params["opacities"][:] = 3.0
+    cam, bg = Camera.orbit(0, 0, 2.0, 24), torch.zeros(3)
+    raw = rasterize_gaussians(m.get_means, m.get_quats, m.get_scales, m.get_opacities,
+                              m.get_colors, cam, bg, backend="torch")
+    out = m.render(cam, bg, backend="torch")
+    assert raw.image.max() > 1.5  # the rasterizer itself composites values above 1
+    torch.testing.assert_close(out.image, raw.image.clamp(0, 1))
+    torch.testing.assert_close(out.alpha, raw.alpha)
+    torch.testing.assert_close(out.depth, raw.depth)
+    # saturated pixels pass no gradient to the colours (the clamp's point)
+    saturated = (raw.image.detach() > 1.0).all(-1)
+    assert saturated.sum() > 10
+    (out.image[saturated].sum()).backward()
+    assert m.params["sh0"].grad.abs().max() == 0
+
+
 # ---------------------------------------------------------------- PLY
 def test_ply_round_trip_is_exact_and_uses_the_3dgs_layout(tmp_path):
     m = small_model(37, seed=4)

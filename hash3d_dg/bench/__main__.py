@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m hash3d_dg.bench {flops,cache-exactness,macs,speed,oracle} [--json]``."""
+"""Benchmarks: ``python -m hash3d_dg.bench {flops,cache-exactness,macs,speed,oracle,gpu} [--json]``."""
 
 from __future__ import annotations
 
@@ -52,7 +52,17 @@ def main(argv: list[str] | None = None) -> int:
         oracle.add_arguments(p)
     p.add_argument("--json", action="store_true")
 
+    from hash3d_dg.bench import gpu
+
+    p = sub.add_parser("gpu", help="CUDA only: prove and time the CUDA path in one command (tests, "
+                       "backend parity, render timings, fp16 end-to-end runs)",
+                       description=gpu.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    gpu.add_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the JSON instead of the summary")
+
     args = parser.parse_args(argv)
+    if args.command == "gpu":
+        return gpu.run_bench(args)
     from hash3d_dg.cli import configure_logging
 
     configure_logging(debug=False, stream=sys.stderr)  # stdout carries the JSON

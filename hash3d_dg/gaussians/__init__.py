@@ -2,6 +2,7 @@
 
 from hash3d_dg.gaussians.backends import (
     available_gaussian_backends,
+    gaussian_backend_status,
     rasterize_gaussians,
     resolve_gaussian_backend,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "GaussianModel",
     "GaussianRender",
     "available_gaussian_backends",
+    "gaussian_backend_status",
     "load_ply",
     "position_lr",
     "rasterize_gaussians",

@@ -51,6 +51,32 @@ def _inria_status() -> bool | str:
     return True
 
 
+_MODULES = {"gsplat": "gsplat", "inria": "diff_gaussian_rasterization"}
+_PROBES = {"gsplat": _gsplat_status, "inria": _inria_status}
+
+
+def gaussian_backend_status(name: str, device: torch.device | str = "cpu",
+                            probe_cuda: bool = True) -> bool | str:
+    """Whether the one backend ``name`` can render on ``device``: True, or a one-line reason.
+
+    Only that backend is looked at: asking about ``inria`` never imports gsplat (whose op load
+    can trigger a multi-minute JIT build). With ``probe_cuda`` False a CUDA backend is only
+    checked for being installed.
+    """
+    if name == "torch":
+        return True
+    if name not in _MODULES:
+        raise ValueError(f"unknown Gaussian rasterizer backend {name!r}; "
+                         f"choose one of auto, {', '.join(BACKENDS)}")
+    module = _MODULES[name]
+    installed = importlib.util.find_spec(module) is not None
+    if torch.device(device).type != "cuda":
+        return "needs a CUDA device" if installed else f"{module} is not installed"
+    if not probe_cuda:
+        return installed or f"{module} is not installed"
+    return _PROBES[name]()
+
+
 def available_gaussian_backends(device: torch.device | str = "cpu",
                                 probe_cuda: bool = True) -> dict[str, bool | str]:
     """Which backends can render on ``device``: True, or a one-line reason why not.
@@ -58,38 +84,21 @@ def available_gaussian_backends(device: torch.device | str = "cpu",
     With ``probe_cuda`` False the CUDA backends are only checked for being installed (no
     import of gsplat's op, which can trigger a JIT build).
     """
-    device = torch.device(device)
-    status: dict[str, bool | str] = {"torch": True}
-    for name, probe in (("gsplat", _gsplat_status), ("inria", _inria_status)):
-        module = "gsplat" if name == "gsplat" else "diff_gaussian_rasterization"
-        if device.type != "cuda":
-            installed = importlib.util.find_spec(module) is not None
-            status[name] = "needs a CUDA device" if installed else f"{module} is not installed"
-        elif not probe_cuda:
-            status[name] = importlib.util.find_spec(module) is not None or \
-                f"{module} is not installed"
-        else:
-            status[name] = probe()
-    return status
+    return {name: gaussian_backend_status(name, device, probe_cuda) for name in BACKENDS}
 
 
 def resolve_gaussian_backend(name: str, device: torch.device | str) -> str:
     """Map a requested backend (``auto``, ``torch``, ``gsplat``, ``inria``) to a usable one.
 
     ``auto`` picks ``gsplat`` on CUDA when usable, else ``torch``. An explicit backend that is
-    not usable raises ``ValueError`` with one line saying why.
+    not usable raises ``ValueError`` with one line saying why; only that backend is probed.
     """
     device = torch.device(device)
     if name == "auto":
-        if device.type == "cuda" and _gsplat_status() is True:
+        if device.type == "cuda" and gaussian_backend_status("gsplat", device) is True:
             return "gsplat"
         return "torch"
-    if name not in BACKENDS:
-        raise ValueError(f"unknown Gaussian rasterizer backend {name!r}; "
-                         f"choose one of auto, {', '.join(BACKENDS)}")
-    if name == "torch":
-        return name
-    status = available_gaussian_backends(device)[name]
+    status = gaussian_backend_status(name, device)  # raises for an unknown name
     if status is not True:
         raise ValueError(f"Gaussian rasterizer backend {name!r} is unavailable on {device}: "
                          f"{status}")

@@ -171,12 +171,19 @@ class GaussianModel(nn.Module):
     # ------------------------------------------------------------------ rendering
     def render(self, camera, background: Tensor, backend: str = "auto",
                tile_size: int | None = None) -> GaussianRender:
-        """Render from ``camera`` (hash3d_dg.camera.Camera) over ``background`` [3]."""
+        """Render from ``camera`` (hash3d_dg.camera.Camera) over ``background`` [3].
+
+        The image is clamped to [0, 1], as DreamGaussian's renderer does (colours may exceed 1,
+        and a backend's composite with them): saturated pixels then pass no gradient and the VAE
+        never sees values above 1. Alpha and depth are returned as rasterized.
+        """
         from hash3d_dg.gaussians.backends import rasterize_gaussians
 
-        return rasterize_gaussians(self.get_means, self.get_quats, self.get_scales,
-                                   self.get_opacities, self.get_colors, camera, background,
-                                   backend=backend, tile_size=tile_size)
+        out = rasterize_gaussians(self.get_means, self.get_quats, self.get_scales,
+                                  self.get_opacities, self.get_colors, camera, background,
+                                  backend=backend, tile_size=tile_size)
+        out.image = out.image.clamp(0.0, 1.0)
+        return out
 
     def density(self, points: Tensor, chunk: int = 4096, sigma_cutoff: float = 3.0,
                 max_pairs: int = 1 << 22) -> Tensor:

@@ -23,6 +23,9 @@ gradient (3DGS's back-to-front suffix sums, done as a segmented scan) and keeps 
 per-pair inputs plus one transmittance value per pair-pixel between forward and backward,
 recomputing the rest.
 
+On CUDA a call syncs with the host twice (the pair count and the chunk bounds); everything else
+has shapes known in advance.
+
 Measured here (2 shared CPU cores, torch 2.13 CPU): 256x256, 5000 Gaussians of DreamGaussian's
 initial blob, forward + backward ~0.5 s with one thread.
 """
@@ -44,7 +47,7 @@ _LOG_T_STOP = math.log(T_STOP)
 
 
 def _pair_alpha(means: Tensor, conics: Tensor, opacities: Tensor, origins: Tensor,
-                offsets: Tensor) -> tuple[Tensor, ...]:
+                offsets: Tensor, max_alpha: float = MAX_ALPHA) -> tuple[Tensor, ...]:
     """Alpha of each (Gaussian-tile pair, tile pixel).
 
     means [P, 2], conics [P, 3], opacities [P], origins [P, 2] (tile corner in pixels),
@@ -58,7 +61,7 @@ def _pair_alpha(means: Tensor, conics: Tensor, opacities: Tensor, origins: Tenso
     gauss = torch.exp(power)
     raw = opacities[:, None] * gauss
     live = (power <= 0) & (raw >= ALPHA_THRESHOLD)
-    alpha = torch.where(live, raw.clamp(max=MAX_ALPHA), torch.zeros_like(raw))
+    alpha = torch.where(live, raw.clamp(max=max_alpha), torch.zeros_like(raw))
     return dx, dy, gauss, raw, alpha, live
 
 
@@ -78,14 +81,14 @@ class _CompositeChunk(torch.autograd.Function):
     """Composite one chunk of Gaussian-tile pairs (sorted by tile, then depth).
 
     forward(means [P,2], conics [P,3], opacities [P], feats [P,F], origins [P,2], offsets [A,2],
-            seg_first [P], seg_last [P], tiles [P] (chunk-local tile index), n_tiles)
+            seg_first [P], seg_last [P], tiles [P] (chunk-local tile index), n_tiles, max_alpha)
     -> feat_sum [n_tiles, A, F] (sum_i w_i f_i), log_t [n_tiles, A] (log final transmittance).
     """
 
     @staticmethod
     def forward(ctx, means, conics, opacities, feats, origins, offsets, seg_first, seg_last,
-                tiles, n_tiles):
-        _, _, _, _, alpha, _ = _pair_alpha(means, conics, opacities, origins, offsets)
+                tiles, n_tiles, max_alpha):
+        _, _, _, _, alpha, _ = _pair_alpha(means, conics, opacities, origins, offsets, max_alpha)
         trans, keep, log1m = _transmittance(alpha, seg_first)
         trans_k = (trans * keep).to(alpha.dtype)  # T_i, 0 after the early stop
         w = alpha * trans_k
@@ -97,13 +100,16 @@ class _CompositeChunk(torch.autograd.Function):
         # T is kept (one value per pair-pixel) so backward skips the scan; the rest is recomputed
         ctx.save_for_backward(means, conics, opacities, feats, origins, offsets, seg_last, tiles,
                               trans_k)
+        ctx.max_alpha = max_alpha
         return feat_sum, log_t.to(feats.dtype)
 
     @staticmethod
     def backward(ctx, g_feat_sum, g_log_t):
         means, conics, opacities, feats, origins, offsets, seg_last, tiles, trans_k = \
             ctx.saved_tensors
-        dx, dy, gauss, raw, alpha, live = _pair_alpha(means, conics, opacities, origins, offsets)
+        max_alpha = ctx.max_alpha
+        dx, dy, gauss, raw, alpha, live = _pair_alpha(means, conics, opacities, origins, offsets,
+                                                      max_alpha)
         w = alpha * trans_k
 
         g_pix = g_feat_sum[tiles]  # [P, A, F]
@@ -118,7 +124,7 @@ class _CompositeChunk(torch.autograd.Function):
         g_alpha = torch.where(kept, trans_k * fg - (suffix + g_log_t[tiles]) / (1.0 - alpha),
                               torch.zeros_like(alpha))
 
-        g_raw = torch.where(live & (raw < MAX_ALPHA), g_alpha, torch.zeros_like(g_alpha))
+        g_raw = torch.where(live & (raw < max_alpha), g_alpha, torch.zeros_like(g_alpha))
         grad_opac = (g_raw * gauss).sum(1)
         g_power = g_raw * raw
         gp_dx, gp_dy = g_power * dx, g_power * dy
@@ -128,7 +134,7 @@ class _CompositeChunk(torch.autograd.Function):
         ca, cb, cc = conics.unbind(-1)
         grad_means = torch.stack([ca * sum_dx + cb * sum_dy, cb * sum_dx + cc * sum_dy], dim=-1)
         return (grad_means, grad_conics, grad_opac, grad_feats,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def _footprint_pixels(means2d: Tensor, cov2d: Tensor, opacities: Tensor, in_depth: Tensor,
@@ -156,7 +162,8 @@ def _footprint_pixels(means2d: Tensor, cov2d: Tensor, opacities: Tensor, in_dept
 def composite_gaussians(means2d: Tensor, conics: Tensor, cov2d: Tensor, depths: Tensor,
                         in_depth: Tensor, opacities: Tensor, colors: Tensor, background: Tensor,
                         width: int, height: int, tile_size: int = 8,
-                        max_chunk_elements: int = 1 << 21) -> tuple[Tensor, Tensor, Tensor]:
+                        max_chunk_elements: int = 1 << 21, max_alpha: float = MAX_ALPHA
+                        ) -> tuple[Tensor, Tensor, Tensor]:
     """Alpha-composite projected Gaussians into an image.
 
     Args:
@@ -164,6 +171,8 @@ def composite_gaussians(means2d: Tensor, conics: Tensor, cov2d: Tensor, depths: 
         opacities: [N] in [0, 1]; colors: [N, 3]; background: [3].
         tile_size: tile edge in pixels (the result does not depend on it).
         max_chunk_elements: bound on (pairs x tile pixels) processed at once.
+        max_alpha: the per-Gaussian alpha cap (0.99: 3DGS / DreamGaussian, the reference;
+            0.999 reproduces gsplat's kernels).
 
     Returns:
         image [H, W, 3] (over the background), alpha [H, W, 1], depth [H, W, 1].
@@ -176,19 +185,26 @@ def composite_gaussians(means2d: Tensor, conics: Tensor, cov2d: Tensor, depths: 
     with torch.no_grad():
         xr, yr = _footprint_pixels(means2d.detach(), cov2d.detach(), opacities.detach(),
                                    in_depth, width, height)
-        drawn = torch.nonzero((xr[:, 0] <= xr[:, 1]) & (yr[:, 0] <= yr[:, 1])).squeeze(1)
-        order = drawn[torch.argsort(depths.detach()[drawn], stable=True)]
+        # Fixed shapes up to the pair count, so a CUDA call syncs with the host twice: for the
+        # number of (Gaussian, tile) pairs and for the chunk bounds below. Undrawn Gaussians
+        # sort last (stable, by depth otherwise) and get no pairs.
+        drawn = (xr[:, 0] <= xr[:, 1]) & (yr[:, 0] <= yr[:, 1])
+        key = torch.where(drawn, depths.detach(), torch.full_like(depths.detach(), math.inf))
+        order = torch.argsort(key, stable=True)
         tx0, tx1 = xr[order, 0] // ts, xr[order, 1] // ts
         ty0, ty1 = yr[order, 0] // ts, yr[order, 1] // ts
         nx = tx1 - tx0 + 1
-        counts = nx * (ty1 - ty0 + 1)
-        rank = torch.repeat_interleave(torch.arange(len(order), device=device), counts)
+        counts = torch.where(drawn[order], nx * (ty1 - ty0 + 1), torch.zeros_like(nx))
+        total = int(counts.sum())
+        rank = torch.repeat_interleave(torch.arange(len(order), device=device), counts,
+                                       output_size=total)
         first = torch.cumsum(counts, 0) - counts
-        local = torch.arange(len(rank), device=device) - first[rank]
+        local = torch.arange(total, device=device) - first[rank]
         pair_tile = (ty0[rank] + local // nx[rank]) * tiles_x + tx0[rank] + local % nx[rank]
         pair_tile, perm = torch.sort(pair_tile, stable=True)
         pair_gauss = order[rank[perm]]
-        tile_counts = torch.bincount(pair_tile, minlength=n_tiles)
+        tile_counts = torch.zeros(n_tiles, dtype=torch.long, device=device).index_add_(
+            0, pair_tile, torch.ones_like(pair_tile))
         tile_start = torch.cumsum(tile_counts, 0) - tile_counts
 
         iy, ix = torch.meshgrid(torch.arange(ts, device=device), torch.arange(ts, device=device),
@@ -197,16 +213,17 @@ def composite_gaussians(means2d: Tensor, conics: Tensor, cov2d: Tensor, depths: 
         tile_ids = torch.arange(n_tiles, device=device)
         tile_origin = torch.stack([tile_ids % tiles_x, tile_ids // tiles_x], -1).to(dtype) * ts
 
-        # group consecutive tiles into chunks of at most max_chunk_elements pair-pixels
-        starts_np = tile_start.cpu().numpy()
+        # group consecutive tiles into chunks of at most max_chunk_elements pair-pixels (one
+        # device-to-host copy; the chunk loop below then reads only host values)
+        starts_np, counts_np = torch.stack([tile_start, tile_counts]).cpu().numpy()
         chunk_of_tile = starts_np * area // max(int(max_chunk_elements), area)
         bounds = [0, *(np.nonzero(np.diff(chunk_of_tile))[0] + 1).tolist(), n_tiles]
 
     feats = torch.cat([colors, depths[:, None]], dim=-1)
     outs, out_tiles = [], []
     for t0, t1 in zip(bounds[:-1], bounds[1:]):
-        p0 = int(tile_start[t0])
-        p1 = int(tile_start[t1 - 1] + tile_counts[t1 - 1])
+        p0 = int(starts_np[t0])
+        p1 = int(starts_np[t1 - 1] + counts_np[t1 - 1])
         if p1 <= p0:
             continue
         gid = pair_gauss[p0:p1]
@@ -215,7 +232,8 @@ def composite_gaussians(means2d: Tensor, conics: Tensor, cov2d: Tensor, depths: 
         seg_last = seg_first + tile_counts[pair_tile[p0:p1]] - 1
         feat_sum, log_t = _CompositeChunk.apply(
             means2d[gid], conics[gid], opacities[gid], feats[gid],
-            tile_origin[pair_tile[p0:p1]], offsets, seg_first, seg_last, tiles_local, t1 - t0)
+            tile_origin[pair_tile[p0:p1]], offsets, seg_first, seg_last, tiles_local, t1 - t0,
+            float(max_alpha))
         outs.append(torch.cat([feat_sum, log_t[..., None]], dim=-1))
         out_tiles.append(torch.arange(t0, t1, device=device))
 
@@ -232,13 +250,15 @@ def composite_gaussians(means2d: Tensor, conics: Tensor, cov2d: Tensor, depths: 
 def rasterize_torch(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor,
                     colors: Tensor, viewmat: Tensor, K: Tensor, width: int, height: int,
                     background: Tensor, near: float = 0.01, far: float = 1e10,
-                    tile_size: int = 8, max_chunk_elements: int = 1 << 21) -> GaussianRender:
+                    tile_size: int = 8, max_chunk_elements: int = 1 << 21,
+                    max_alpha: float = MAX_ALPHA) -> GaussianRender:
     """Render Gaussians with the pure-PyTorch backend.
 
     Args:
         means [N, 3], quats [N, 4] (wxyz, any norm), scales [N, 3] (activated),
         opacities [N] (in [0, 1]), colors [N, 3]; viewmat [4, 4] world-to-camera (OpenCV);
-        K [3, 3]; background [3]; near/far: depth culling planes.
+        K [3, 3]; background [3]; near/far: depth culling planes; max_alpha: the alpha cap
+        (see ``composite_gaussians``).
     """
     proj: Projection = project_gaussians(means, quats, scales, viewmat, K, width, height,
                                          near=near, far=far)
@@ -247,6 +267,7 @@ def rasterize_torch(means: Tensor, quats: Tensor, scales: Tensor, opacities: Ten
         means2d.retain_grad()
     image, alpha, depth = composite_gaussians(
         means2d, proj.conics, proj.cov2d, proj.depths, proj.in_depth, opacities, colors,
-        background, width, height, tile_size=tile_size, max_chunk_elements=max_chunk_elements)
+        background, width, height, tile_size=tile_size, max_chunk_elements=max_chunk_elements,
+        max_alpha=max_alpha)
     return GaussianRender(image=image, alpha=alpha, depth=depth, radii=proj.radii,
                           means2d=means2d, backend="torch")
