@@ -84,6 +84,22 @@ class MeshConfig:
     decimate_target: int = 100_000
     texture_size: int = 1024
     bake_render_size: int = 512
+    # map the Gaussians' bounding box (opacity > 0.005) to +-box_fill before sampling the grid
+    # (DreamGaussian), so resolution is spent on the object; off: the fixed box +-bound
+    fit_box: bool = True
+    box_fill: float = 0.9
+    # clean-up after marching cubes: pymeshlab (merge close vertices, drop small components,
+    # repair non-manifold edges/vertices, as DreamGaussian) | basic (trimesh: largest component)
+    clean: str = "pymeshlab"
+    merge_close_pct: float = 1.0  # % of the bbox diagonal (DreamGaussian: 1)
+    min_component_pct: float = 20.0  # drop components under this % of the bbox diagonal
+    min_component_faces: int = 64
+    keep_largest: bool = False  # also drop every component but the largest
+    # bake: first = the first view (front first) that sees a texel at cos > bake_first_cos wins,
+    # the rest cosine-averaged (DreamGaussian); average = cosine-weighted average of every view
+    bake_mode: str = "first"
+    bake_first_cos: float = 0.5
+    bake_views: str = "default18"  # default18 | ring (see hash3d_dg.mesh.bake.BAKE_VIEW_SETS)
 
 
 @dataclass
