@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m hash3d_dg.bench {flops,cache-exactness,macs,speed,oracle} [--json]``."""
+"""Benchmarks: ``python -m hash3d_dg.bench {flops,cache-exactness,macs,speed,mesh-phase,oracle} [--json]``."""
 
 from __future__ import annotations
 
@@ -43,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     speed.add_arguments(p)
     p.add_argument("--json", action="store_true")
 
+    from hash3d_dg.bench import mesh_phase
+
+    p = sub.add_parser("mesh-phase", help="mesh phase seconds per step and texture fidelity, today's settings vs the faster ones")
+    mesh_phase.add_arguments(p)
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("oracle", help="quality without weights: an oracle denoiser stands in for Zero-1-to-3")
     try:
         from hash3d_dg.bench import oracle
@@ -68,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         result = macs.run_from_args(args)
     elif args.command == "speed":
         result = speed.run_from_args(args)
+    elif args.command == "mesh-phase":
+        result = mesh_phase.run_from_args(args)
     else:
         result = oracle.run_from_args(args)
     _print(result, args.json)

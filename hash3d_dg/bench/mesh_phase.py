@@ -95,6 +95,106 @@ def load_or_fit(source: str, ply: str | None, iters: int, size: int, seed: int =
     return gaussians, elevation
 
 
+def _eval_cameras(elevation: float, size: int) -> dict[str, list[Camera]]:
+    return {"input": [Camera.orbit(elevation, 0.0, 2.0, width=size)],
+            "held_out": [Camera.orbit(el, az, 2.0, width=size) for el, az in HELD_OUT_VIEWS]}
+
+
+def reference_renders(gaussians, cameras: dict[str, list[Camera]]) -> dict:
+    """Gaussian renders (rgb over white, alpha) of every evaluation camera."""
+    white = torch.ones(3)
+    out = {}
+    with torch.no_grad():
+        for group, cams in cameras.items():
+            out[group] = []
+            for cam in cams:
+                r = gaussians.render(cam, white, backend="torch")
+                out[group].append((r.image.clamp(0, 1), r.alpha))
+    return out
+
+
+def fidelity(mesh, cameras: dict[str, list[Camera]], refs: dict) -> dict:
+    """Re-render PSNR of the textured mesh against the Gaussians (over white) per camera group,
+    and the mean silhouette IoU (mesh coverage vs Gaussian alpha > 0.5) over every camera."""
+    from hash3d_dg.mesh import rasterize_mesh
+    from hash3d_dg.stages.metrics import mask_iou, psnr
+
+    white = torch.ones(3)
+    result, ious = {}, []
+    with torch.no_grad():
+        for group, cams in cameras.items():
+            values = []
+            for cam, (rgb, alpha) in zip(cams, refs[group]):
+                r = rasterize_mesh(mesh, cam, background=white, backend="torch")
+                values.append(psnr(r.rgb.clamp(0, 1), rgb))
+                ious.append(mask_iou(r.alpha, (alpha > 0.5).float()))
+            result[f"psnr_{group}"] = round(float(np.mean(values)), 3)
+    result["iou"] = round(float(np.mean(ious)), 4)
+    return result
+
+
+def run_preset(gaussians, elevation: float, overrides: dict) -> tuple[object, dict]:
+    """The real mesh phase under ``MeshConfig`` ``overrides`` (torch backends, one thread)."""
+    from hash3d_dg.config import build_config
+    from hash3d_dg.stages.meshing import extract_textured_mesh
+
+    cfg = build_config({"device": "cpu", "elevation": elevation, "mesh": dict(overrides)})
+    cfg.stage1.backend = cfg.stage2.backend = "torch"
+    return extract_textured_mesh(gaussians, cfg)
+
+
+def mesh_phase_report(gaussians, elevation: float = 0.0, presets: dict | None = None,
+                      eval_size: int = 512, source: str = "") -> dict:
+    presets = PRESETS if presets is None else presets
+    cameras = _eval_cameras(elevation, eval_size)
+    refs = reference_renders(gaussians, cameras)
+    rows = {}
+    for name, overrides in presets.items():
+        mesh, report = run_preset(gaussians, elevation, overrides)
+        row = {"seconds": report["seconds"], "steps": report["steps"], "faces": report["faces"],
+               "vertices": report["vertices"]}
+        row.update(fidelity(mesh, cameras, refs))
+        row["settings"] = dict(overrides)
+        rows[name] = row
+        log.info("mesh-phase %s: %.1f s, %d faces, psnr input %.2f held-out %.2f, iou %.4f",
+                 name, row["seconds"], row["faces"], row["psnr_input"], row["psnr_held_out"],
+                 row["iou"])
+    out = {"source": source, "gaussians": gaussians.num_points, "eval_size": eval_size,
+           "held_out_views": [list(v) for v in HELD_OUT_VIEWS], "presets": rows}
+    if "baseline" in rows:
+        base = rows["baseline"]
+        out["vs_baseline"] = {
+            name: {"speedup": round(base["seconds"] / max(r["seconds"], 1e-9), 2),
+                   "d_psnr_input": round(r["psnr_input"] - base["psnr_input"], 3),
+                   "d_psnr_held_out": round(r["psnr_held_out"] - base["psnr_held_out"], 3),
+                   "d_iou": round(r["iou"] - base["iou"], 4)}
+            for name, r in rows.items() if name != "baseline"}
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", default="oracle",
+                        help="oracle (the oracle object, short stage-1 fit) or an RGBA image path")
+    parser.add_argument("--ply", default=None,
+                        help="Gaussians to use (a saved PLY); fitted and written there if missing")
+    parser.add_argument("--fit-iters", type=int, default=500)
+    parser.add_argument("--fit-size", type=int, default=128)
+    parser.add_argument("--eval-size", type=int, default=512)
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    parser.add_argument("--threads", type=int, default=1)
+
+
+def run_from_args(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(int(args.threads))
+    gaussians, elevation = load_or_fit(args.source, args.ply, args.fit_iters, args.fit_size)
+    report = mesh_phase_report(gaussians, elevation, {k: PRESETS[k] for k in args.presets},
+                               args.eval_size, source=args.source if not args.ply else args.ply)
+    from hash3d_dg.bench.harness import describe_machine
+
+    report["machine"] = describe_machine()
+    return report
+
+
 def _fit_main(argv=None) -> int:  # python -m hash3d_dg.bench.mesh_phase SOURCE PLY ITERS SIZE
     import sys
 
