@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from typing import Callable
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 from torch import Tensor
 
 from hash3d_dg.mesh.mesh import Mesh
+from hash3d_dg.mesh.timing import StepClock
 
 logger = logging.getLogger(__name__)
 
@@ -144,11 +144,11 @@ def extract_mesh(density_fn: Callable[[Tensor], Tensor], bound: float = 1.0,
                  decimate_target: int = 100_000, device="cpu", centre=(0.0, 0.0, 0.0),
                  clean: str = "basic", merge_close_pct: float = 1.0,
                  min_component_pct: float = 20.0, min_component_faces: int = 64,
-                 keep_largest: bool | None = None, timings: dict | None = None) -> Mesh:
+                 keep_largest: bool | None = None, clock: StepClock | None = None) -> Mesh:
     """Extract the ``threshold`` iso-surface of a density field as an outward-facing mesh.
 
-    Steps (seconds of each go into ``timings`` when given: ``density``, ``marching_cubes``,
-    ``cleanup``, ``decimation``): sample the grid over ``centre +- bound`` (bounded memory, see
+    Steps (timed by ``clock`` when given: ``density``, ``marching_cubes``, ``cleanup``,
+    ``decimation``): sample the grid over ``centre +- bound`` (bounded memory, see
     :func:`sample_density_grid`; :func:`fitted_box` gives DreamGaussian's box); pad it with one
     layer below the threshold so surfaces touching the box are closed; PyMCubes marching cubes;
     clean up: ``clean="pymeshlab"`` runs :func:`clean_pymeshlab`, ``"basic"`` only merges
@@ -165,43 +165,39 @@ def extract_mesh(density_fn: Callable[[Tensor], Tensor], bound: float = 1.0,
 
     if clean not in ("basic", "pymeshlab"):
         raise ValueError(f"unknown mesh clean-up {clean!r}: expected basic or pymeshlab")
-    times = timings if timings is not None else {}
-    t0 = time.perf_counter()
-    grid = sample_density_grid(density_fn, bound, resolution, block_size, device, centre)
-    times["density"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    finite = np.isfinite(grid)
-    if not finite.all():
-        grid = np.where(finite, grid, np.float32(threshold - 1.0))
-    gmin, gmax = float(grid.min()), float(grid.max())
-    if not (gmax > threshold and gmin < threshold):
-        raise ValueError(f"no surface: density in [{gmin:.4g}, {gmax:.4g}] never crosses the "
-                         f"threshold {threshold:g} on the {resolution}^3 grid over +-{bound:g}")
-    pad_value = min(gmin, threshold) - 1.0
-    padded = np.pad(grid, 1, mode="constant", constant_values=pad_value)
-    verts, faces = mcubes.marching_cubes(padded, float(threshold))
-    spacing = 2.0 * bound / (resolution - 1)
-    verts = (verts - 1.0) * spacing - bound + np.asarray(centre, np.float64)  # index -> world
-    times["marching_cubes"] = time.perf_counter() - t0
+    clock = clock if clock is not None else StepClock()
+    with clock.step("density"):
+        grid = sample_density_grid(density_fn, bound, resolution, block_size, device, centre)
+    with clock.step("marching_cubes"):
+        finite = np.isfinite(grid)
+        if not finite.all():
+            grid = np.where(finite, grid, np.float32(threshold - 1.0))
+        gmin, gmax = float(grid.min()), float(grid.max())
+        if not (gmax > threshold and gmin < threshold):
+            raise ValueError(f"no surface: density in [{gmin:.4g}, {gmax:.4g}] never crosses the "
+                             f"threshold {threshold:g} on the {resolution}^3 grid over +-{bound:g}")
+        pad_value = min(gmin, threshold) - 1.0
+        padded = np.pad(grid, 1, mode="constant", constant_values=pad_value)
+        verts, faces = mcubes.marching_cubes(padded, float(threshold))
+        spacing = 2.0 * bound / (resolution - 1)
+        verts = (verts - 1.0) * spacing - bound + np.asarray(centre, np.float64)  # index -> world
     if len(faces) == 0:
         raise ValueError(f"no surface: marching cubes found no triangle at threshold {threshold:g}")
-    t0 = time.perf_counter()
-    faces = faces.astype(np.int64)
-    if clean == "pymeshlab":
-        verts, faces = clean_pymeshlab(verts, faces, merge_close_pct, min_component_pct,
-                                       min_component_faces)
-        if len(faces) == 0:
-            raise ValueError("no surface: the clean-up removed every face")
-    tm = _to_trimesh(verts, faces)
-    if keep_largest if keep_largest is not None else clean == "basic":
-        tm = _keep_largest(tm)
-    times["cleanup"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    if len(tm.faces) > decimate_target:
-        n0 = len(tm.faces)
-        tm = _decimate(tm, decimate_target)
-        logger.info("extract: decimated %d -> %d faces", n0, len(tm.faces))
-    times["decimation"] = time.perf_counter() - t0
+    with clock.step("cleanup"):
+        faces = faces.astype(np.int64)
+        if clean == "pymeshlab":
+            verts, faces = clean_pymeshlab(verts, faces, merge_close_pct, min_component_pct,
+                                           min_component_faces)
+            if len(faces) == 0:
+                raise ValueError("no surface: the clean-up removed every face")
+        tm = _to_trimesh(verts, faces)
+        if keep_largest if keep_largest is not None else clean == "basic":
+            tm = _keep_largest(tm)
+    with clock.step("decimation"):
+        if len(tm.faces) > decimate_target:
+            n0 = len(tm.faces)
+            tm = _decimate(tm, decimate_target)
+            logger.info("extract: decimated %d -> %d faces", n0, len(tm.faces))
     if tm.volume < 0:  # marching cubes winding is inward for this sign convention: flip it
         tm.invert()
     mesh = Mesh(torch.as_tensor(np.asarray(tm.vertices), dtype=torch.float32, device=device),

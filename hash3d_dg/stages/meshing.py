@@ -13,6 +13,7 @@ from hash3d_dg.gaussians import GaussianModel
 from hash3d_dg.mesh import Mesh, bake_texture, extract_mesh
 from hash3d_dg.mesh.bake import BAKE_MODES, BAKE_VIEW_SETS
 from hash3d_dg.mesh.extract import fitted_box
+from hash3d_dg.mesh.timing import StepClock
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def extract_textured_mesh(gaussians: GaussianModel, cfg: RunConfig) -> tuple[Mes
     m = cfg.mesh
     check_mesh_config(m)
     start = time.perf_counter()
-    steps: dict[str, float] = {}
+    clock = StepClock()
     device = gaussians.get_means.device
     with torch.no_grad():
         if m.fit_box:
@@ -56,24 +57,22 @@ def extract_textured_mesh(gaussians: GaussianModel, cfg: RunConfig) -> tuple[Mes
                             merge_close_pct=m.merge_close_pct,
                             min_component_pct=m.min_component_pct,
                             min_component_faces=m.min_component_faces,
-                            keep_largest=m.keep_largest or m.clean == "basic", timings=steps)
-        t0 = time.perf_counter()
-        mesh = mesh.unwrap_uv(texture_size=m.texture_size)
-        steps["uv"] = time.perf_counter() - t0
+                            keep_largest=m.keep_largest or m.clean == "basic", clock=clock)
+        with clock.step("uv"):
+            mesh = mesh.unwrap_uv(texture_size=m.texture_size)
         background = torch.ones(3, device=device)
 
         def render_fn(camera):
             out = gaussians.render(camera, background, backend=cfg.stage1.backend)
             return out.image, out.alpha
 
-        t0 = time.perf_counter()
-        mesh.albedo = bake_texture(mesh, render_fn, views=BAKE_VIEW_SETS[m.bake_views],
-                                   radius=cfg.radius, render_size=m.bake_render_size,
-                                   texture_size=m.texture_size, fovy=cfg.fovy,
-                                   backend=cfg.stage2.backend, mode=m.bake_mode,
-                                   first_cos=m.bake_first_cos, front=(cfg.elevation, 0.0))
-        steps["bake"] = time.perf_counter() - t0
+        with clock.step("bake"):
+            mesh.albedo = bake_texture(mesh, render_fn, views=BAKE_VIEW_SETS[m.bake_views],
+                                       radius=cfg.radius, render_size=m.bake_render_size,
+                                       texture_size=m.texture_size, fovy=cfg.fovy,
+                                       backend=cfg.stage2.backend, mode=m.bake_mode,
+                                       first_cos=m.bake_first_cos, front=(cfg.elevation, 0.0))
     report = {"seconds": round(time.perf_counter() - start, 3), "vertices": int(mesh.v.shape[0]),
               "faces": int(mesh.f.shape[0]), "texture_size": m.texture_size,
-              "steps": {k: round(v, 3) for k, v in steps.items()}}
+              **clock.report()}
     return mesh, report
