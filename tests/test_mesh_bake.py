@@ -54,6 +54,21 @@ def test_first_view_wins_in_first_mode_and_is_averaged_otherwise(sphere):
     assert (f_tex[facing] - RED).abs().max() < 1e-4  # exactly the front view's colour
     assert float((a_tex[facing] - RED).abs().max(-1).values.mean()) > 0.2  # blurred toward blue
     assert (f_tex[back] - BLUE).abs().max() < 1e-4 and (a_tex[back] - BLUE).abs().max() < 1e-4
+    front = bake_texture(sphere, render_fn, mode="front", **kw)[inside]
+    assert (front[facing] - RED).abs().max() < 1e-4 and (front[back] - BLUE).abs().max() < 1e-4
+
+
+def test_an_input_view_missing_from_the_bake_views_is_added_first(sphere):
+    seen = []
+
+    def render_fn(cam):
+        seen.append((round(cam.elevation, 6), round(cam.azimuth, 6)))
+        r = rasterize_mesh(sphere, cam, backend="torch")
+        return r.rgb, r.alpha
+
+    bake_texture(sphere, render_fn, views=((0.0, 0.0), (0.0, 90.0)), mode="front",
+                 front=(-20.0, 0.0), render_size=16, texture_size=32)
+    assert seen == [(-20.0, 0.0), (0.0, 0.0), (0.0, 90.0)]
 
 
 def test_front_first_orders_by_angle_from_the_input_view():

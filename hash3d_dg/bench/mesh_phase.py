@@ -42,6 +42,8 @@ PRESETS: dict[str, dict] = {
     # faster sizes, each bake mode
     "fast_first": dict(resolution=96, decimate_target=20_000, bake_render_size=256,
                        bake_mode="first"),
+    "fast_front": dict(resolution=96, decimate_target=20_000, bake_render_size=256,
+                       bake_mode="front"),
     "fast_average": dict(resolution=96, decimate_target=20_000, bake_render_size=256,
                          bake_mode="average"),
 }
