@@ -78,12 +78,16 @@ class Stage1Config:
 
 @dataclass
 class MeshConfig:
-    resolution: int = 128
+    # defaults measured by `python -m hash3d_dg.bench mesh-phase` (3-4x less CPU than 128 /
+    # 100k / 512 at equal re-render fidelity): the fitted box makes 96 cells on the object as
+    # fine as 128 on the fixed +-1 box, 20k faces is what a 1024 texture shows (xatlas is
+    # super-linear in faces), and 256-px bake renders cost a fifth of 512-px ones on CPU
+    resolution: int = 96
     density_thresh: float = 1.0
     bound: float = 1.0
-    decimate_target: int = 100_000
+    decimate_target: int = 20_000
     texture_size: int = 1024
-    bake_render_size: int = 512
+    bake_render_size: int = 256
     # map the Gaussians' bounding box (opacity > 0.005) to +-box_fill before sampling the grid
     # (DreamGaussian), so resolution is spent on the object; off: the fixed box +-bound
     fit_box: bool = True
@@ -95,11 +99,12 @@ class MeshConfig:
     min_component_pct: float = 20.0  # drop components under this % of the bbox diagonal
     min_component_faces: int = 64
     keep_largest: bool = False  # also drop every component but the largest
-    # bake: first = the first view (front first) that sees a texel at cos > bake_first_cos wins,
-    # the rest cosine-averaged (DreamGaussian); average = cosine-weighted average of every view
-    bake_mode: str = "first"
+    # bake: front = texels the input view sees at cos > bake_first_cos take its colour, the rest
+    # the cosine-weighted average of every view (measured best); first = the first view (front
+    # first) that sees a texel at cos > bake_first_cos wins, the rest averaged (DreamGaussian);
+    # average = cosine-weighted average of every view (before)
+    bake_mode: str = "front"
     bake_first_cos: float = 0.5
-    bake_views: str = "default18"  # default18 | ring (see hash3d_dg.mesh.bake.BAKE_VIEW_SETS)
 
 
 @dataclass

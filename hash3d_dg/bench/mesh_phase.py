@@ -32,19 +32,12 @@ log = logging.getLogger(__name__)
 #: mesh-phase work (``fit_box`` off, average bake, no pymeshlab clean-up).
 PRESETS: dict[str, dict] = {
     "baseline": dict(resolution=128, decimate_target=100_000, bake_render_size=512,
-                     bake_mode="average", bake_views="default18", fit_box=False, clean="basic"),
+                     bake_mode="average", fit_box=False, clean="basic"),
     "default": {},
-    # the new extraction and clean-up at today's sizes, each bake mode
-    "first_512": dict(resolution=128, decimate_target=100_000, bake_render_size=512,
-                      bake_mode="first"),
-    "average_512": dict(resolution=128, decimate_target=100_000, bake_render_size=512,
-                        bake_mode="average"),
-    # faster sizes, each bake mode
-    "fast_first": dict(resolution=96, decimate_target=20_000, bake_render_size=256,
+    # the default sizes with the other two bake modes
+    "default_first": dict(resolution=96, decimate_target=20_000, bake_render_size=256,
                        bake_mode="first"),
-    "fast_front": dict(resolution=96, decimate_target=20_000, bake_render_size=256,
-                       bake_mode="front"),
-    "fast_average": dict(resolution=96, decimate_target=20_000, bake_render_size=256,
+    "default_average": dict(resolution=96, decimate_target=20_000, bake_render_size=256,
                          bake_mode="average"),
 }
 

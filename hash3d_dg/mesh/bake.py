@@ -57,19 +57,6 @@ DEFAULT_BAKE_VIEWS: tuple[tuple[float, float], ...] = (
 )
 
 
-#: 8 views around the equator, 4 from 45 deg above, straight top and bottom (no views from below).
-RING_BAKE_VIEWS: tuple[tuple[float, float], ...] = (
-    tuple((0.0, az) for az in (0.0, 45.0, 90.0, 135.0, 180.0, -135.0, -90.0, -45.0))
-    + tuple((-45.0, az) for az in (0.0, 90.0, 180.0, -90.0))
-    + ((-89.0, 0.0), (89.0, 0.0))
-)
-
-#: Named view sets (``mesh.bake_views``).
-BAKE_VIEW_SETS: dict[str, tuple[tuple[float, float], ...]] = {
-    "default18": DEFAULT_BAKE_VIEWS,
-    "ring": RING_BAKE_VIEWS,
-}
-
 BAKE_MODES = ("front", "first", "average")
 
 
