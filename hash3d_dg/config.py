@@ -81,13 +81,13 @@ class MeshConfig:
     # defaults measured by `python -m hash3d_dg.bench mesh-phase` (3-4x less CPU than 128 /
     # 100k / 512 at equal re-render fidelity): the fitted box makes 96 cells on the object as
     # fine as 128 on the fixed +-1 box, 20k faces is what a 1024 texture shows (xatlas is
-    # super-linear in faces), and 256-px bake renders cost a fifth of 512-px ones on CPU
+    # super-linear in faces), and 224-px bake renders cost a sixth of 512-px ones on CPU
     resolution: int = 96
     density_thresh: float = 1.0
     bound: float = 1.0
     decimate_target: int = 20_000
     texture_size: int = 1024
-    bake_render_size: int = 256
+    bake_render_size: int = 224
     # map the Gaussians' bounding box (opacity > 0.005) to +-box_fill before sampling the grid
     # (DreamGaussian), so resolution is spent on the object; off: the fixed box +-bound
     fit_box: bool = True
@@ -105,6 +105,7 @@ class MeshConfig:
     # average = cosine-weighted average of every view (before)
     bake_mode: str = "front"
     bake_first_cos: float = 0.5
+    bake_views: str = "default18"  # default18 | upper14 (hash3d_dg.mesh.bake.BAKE_VIEW_SETS)
 
 
 @dataclass

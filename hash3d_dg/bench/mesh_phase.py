@@ -34,11 +34,12 @@ PRESETS: dict[str, dict] = {
     "baseline": dict(resolution=128, decimate_target=100_000, bake_render_size=512,
                      bake_mode="average", fit_box=False, clean="basic"),
     "default": {},
-    # the default sizes with the other two bake modes
-    "default_first": dict(resolution=96, decimate_target=20_000, bake_render_size=256,
-                       bake_mode="first"),
-    "default_average": dict(resolution=96, decimate_target=20_000, bake_render_size=256,
-                         bake_mode="average"),
+    # the defaults with the other two bake modes
+    "default_first": dict(bake_mode="first"),
+    "default_average": dict(bake_mode="average"),
+    # the defaults with larger or fewer bake renders
+    "bake256": dict(bake_render_size=256),
+    "views14": dict(bake_views="upper14"),
 }
 
 #: Held-out views (elevation, azimuth): between the bake cameras' azimuths and elevations.

@@ -57,6 +57,17 @@ DEFAULT_BAKE_VIEWS: tuple[tuple[float, float], ...] = (
 )
 
 
+#: The 18 views without the row from 45 degrees below: 8 around the equator, 4 from 45 degrees
+#: above, straight top and bottom.
+UPPER_BAKE_VIEWS: tuple[tuple[float, float], ...] = tuple(
+    v for v in DEFAULT_BAKE_VIEWS if v[0] != 45.0)
+
+#: Named view sets (``mesh.bake_views``).
+BAKE_VIEW_SETS: dict[str, tuple[tuple[float, float], ...]] = {
+    "default18": DEFAULT_BAKE_VIEWS,
+    "upper14": UPPER_BAKE_VIEWS,
+}
+
 BAKE_MODES = ("front", "first", "average")
 
 

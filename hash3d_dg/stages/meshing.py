@@ -11,7 +11,7 @@ from hash3d_dg.config import MeshConfig, RunConfig
 from hash3d_dg.errors import ConfigError
 from hash3d_dg.gaussians import GaussianModel
 from hash3d_dg.mesh import Mesh, bake_texture, extract_mesh
-from hash3d_dg.mesh.bake import BAKE_MODES, DEFAULT_BAKE_VIEWS
+from hash3d_dg.mesh.bake import BAKE_MODES, BAKE_VIEW_SETS
 from hash3d_dg.mesh.extract import fitted_box
 from hash3d_dg.mesh.timing import StepClock
 
@@ -22,6 +22,8 @@ def check_mesh_config(m: MeshConfig) -> None:
     """Raise ConfigError (one line) for mesh settings a type check cannot catch."""
     checks = [
         (m.bake_mode in BAKE_MODES, f"mesh.bake_mode must be one of {', '.join(BAKE_MODES)}"),
+        (m.bake_views in BAKE_VIEW_SETS,
+         f"mesh.bake_views must be one of {', '.join(BAKE_VIEW_SETS)}"),
         (m.clean in ("pymeshlab", "basic"), "mesh.clean must be pymeshlab or basic"),
         (0.0 < m.box_fill <= 1.0, "mesh.box_fill must lie in (0, 1]"),
         (m.decimate_target >= 4, "mesh.decimate_target must be >= 4"),
@@ -65,7 +67,7 @@ def extract_textured_mesh(gaussians: GaussianModel, cfg: RunConfig) -> tuple[Mes
             return out.image, out.alpha
 
         with clock.step("bake"):
-            mesh.albedo = bake_texture(mesh, render_fn, views=DEFAULT_BAKE_VIEWS,
+            mesh.albedo = bake_texture(mesh, render_fn, views=BAKE_VIEW_SETS[m.bake_views],
                                        radius=cfg.radius, render_size=m.bake_render_size,
                                        texture_size=m.texture_size, fovy=cfg.fovy,
                                        backend=cfg.stage2.backend, mode=m.bake_mode,
