@@ -135,3 +135,28 @@ def test_pymeshlab_cleanup_drops_floaters_keeps_big_parts_and_repairs():
     _, counts = np.unique(edges, axis=0, return_counts=True)
     assert counts.max() <= 2  # no non-manifold edge left
     assert (np.linalg.norm(v2 - v[c], axis=1) < 1e-4).sum() == 1  # the split vertex was merged
+
+
+def test_mesh_phase_fidelity_scores_a_mesh_against_its_source(sphere):
+    from hash3d_dg.bench.mesh_phase import _eval_cameras, fidelity
+
+    textured = sphere.with_albedo(torch.rand(128, 128, 3, generator=torch.Generator().manual_seed(3)))
+    cameras = _eval_cameras(0.0, 48)
+    white = torch.ones(3)
+
+    def refs_of(mesh):
+        out = {}
+        for group, cams in cameras.items():
+            out[group] = []
+            for cam in cams:
+                r = rasterize_mesh(mesh, cam, background=white, backend="torch")
+                out[group].append((r.rgb, r.alpha))
+        return out
+
+    same = fidelity(textured, cameras, refs_of(textured))
+    assert same["iou"] == 1.0 and same["psnr_input"] == float("inf")
+    grey = textured.with_albedo(torch.full((128, 128, 3), 0.5))
+    other = fidelity(grey, cameras, refs_of(textured))
+    assert other["iou"] == 1.0 and 5.0 < other["psnr_held_out"] < 20.0
+    small = Mesh(sphere.v * 0.8, sphere.f, sphere.vn, sphere.vt, sphere.ft, textured.albedo)
+    assert 0.55 < fidelity(small, cameras, refs_of(textured))["iou"] < 0.75  # area ratio 0.64
