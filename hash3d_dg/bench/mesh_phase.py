@@ -150,15 +150,21 @@ def run_preset(gaussians, elevation: float, overrides: dict) -> tuple[object, di
 
 
 def mesh_phase_report(gaussians, elevation: float = 0.0, presets: dict | None = None,
-                      eval_size: int = 512, source: str = "") -> dict:
+                      eval_size: int = 512, source: str = "", repeat: int = 1) -> dict:
+    """One row per preset; with ``repeat`` > 1 each preset runs that many times and its
+    seconds are those of the run with the least CPU time (the least disturbed by other work on
+    a shared machine)."""
     presets = PRESETS if presets is None else presets
     cameras = _eval_cameras(elevation, eval_size)
     refs = reference_renders(gaussians, cameras)
     rows = {}
     for name, overrides in presets.items():
-        mesh, report = run_preset(gaussians, elevation, overrides)
-        row = {"seconds": report["seconds"], "steps": report["steps"],
-               "cpu_seconds": report["cpu_seconds"], "cpu_steps": report["cpu_steps"],
+        runs = [run_preset(gaussians, elevation, overrides) for _ in range(max(1, repeat))]
+        mesh, report = runs[0]  # runs are deterministic: the fidelity of the first stands for all
+        best = min(runs, key=lambda r: r[1]["cpu_seconds"])[1]
+        row = {"seconds": min(r[1]["seconds"] for r in runs), "steps": best["steps"],
+               "cpu_seconds": best["cpu_seconds"], "cpu_steps": best["cpu_steps"],
+               "cpu_seconds_runs": [r[1]["cpu_seconds"] for r in runs],
                "faces": report["faces"], "vertices": report["vertices"]}
         row.update(fidelity(mesh, cameras, refs))
         row["settings"] = dict(overrides)
@@ -167,6 +173,7 @@ def mesh_phase_report(gaussians, elevation: float = 0.0, presets: dict | None = 
                  name, row["seconds"], row["cpu_seconds"], row["faces"], row["psnr_input"], row["psnr_held_out"],
                  row["iou"])
     out = {"source": source, "gaussians": gaussians.num_points, "eval_size": eval_size,
+           "repeat": max(1, repeat),
            "held_out_views": [list(v) for v in HELD_OUT_VIEWS], "presets": rows}
     if "baseline" in rows:
         base = rows["baseline"]
@@ -190,13 +197,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-size", type=int, default=512)
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per preset; seconds of the run with the least CPU time")
 
 
 def run_from_args(args: argparse.Namespace) -> dict:
     torch.set_num_threads(int(args.threads))
     gaussians, elevation = load_or_fit(args.source, args.ply, args.fit_iters, args.fit_size)
     report = mesh_phase_report(gaussians, elevation, {k: PRESETS[k] for k in args.presets},
-                               args.eval_size, source=args.source if not args.ply else args.ply)
+                               args.eval_size, source=args.source if not args.ply else args.ply,
+                               repeat=args.repeat)
     from hash3d_dg.bench.harness import describe_machine
 
     report["machine"] = describe_machine()
