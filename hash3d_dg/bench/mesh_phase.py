@@ -40,6 +40,10 @@ PRESETS: dict[str, dict] = {
     # the defaults with larger or fewer bake renders
     "bake256": dict(bake_render_size=256),
     "views14": dict(bake_views="upper14"),
+    # a coarser grid / fewer faces before the atlas
+    "res80": dict(resolution=80),
+    "faces15k": dict(decimate_target=15_000),
+    "faces15k_bake192": dict(decimate_target=15_000, bake_render_size=192),
 }
 
 #: Held-out views (elevation, azimuth): between the bake cameras' azimuths and elevations.
