@@ -75,7 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "speed":
         result = speed.run_from_args(args)
     elif args.command == "mesh-phase":
-        result = mesh_phase.run_from_args(args)
+        from hash3d_dg.errors import UserError
+
+        try:
+            result = mesh_phase.run_from_args(args)
+        except (UserError, ValueError, OSError) as exc:  # a bad --ply / --source: one line
+            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 2
     else:
         result = oracle.run_from_args(args)
     _print(result, args.json)

@@ -4,19 +4,24 @@
 short stage-1 fit of the oracle object or of an RGBA photo, cached as a PLY), runs the real mesh
 phase (:func:`hash3d_dg.stages.meshing.extract_textured_mesh`) once per named preset, and
 reports for each: seconds per step (density grid, marching cubes, clean-up, decimation, uv
-atlas, bake; wall clock and CPU time, the steadier figure on a shared machine), faces, and the texture fidelity of the baked mesh against the Gaussians it came
-from: re-render PSNR from the input view and from held-out views (views that no bake camera
+atlas, bake; wall clock and CPU time, the steadier figure on a shared machine), faces, and the
+texture fidelity of the baked mesh against the Gaussians it came from: re-render PSNR from the input view and from held-out views (views that no bake camera
 uses), and the silhouette IoU (mesh coverage vs Gaussian alpha > 0.5), all renders over white.
 
 Presets (``PRESETS``) are ``MeshConfig`` overrides; ``baseline`` is the code's state before
-this benchmark existed (resolution 128, no bounding-box fit, 100k-face target, cosine-weighted
-average of 18 views at 512 px).
+this benchmark existed (resolution 128 on the fixed +-1 box, trimesh clean-up keeping the
+largest component, 100k-face target, cosine-weighted average of 18 views at 512 px);
+``default`` is today's ``MeshConfig``.
+
+Gaussians: ``--ply G.ply`` uses a saved PLY; when the file is missing (or without ``--ply``) the
+source is fitted first and written there: ``--source oracle`` (the oracle object with the
+oracle guidance) or ``--source photo.png`` (an RGBA image, reference view only), ``--fit-iters``
+stage-1 iterations at ``--fit-size`` pixels.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import time
 from pathlib import Path
@@ -215,18 +220,3 @@ def run_from_args(args: argparse.Namespace) -> dict:
 
     report["machine"] = describe_machine()
     return report
-
-
-def _fit_main(argv=None) -> int:  # python -m hash3d_dg.bench.mesh_phase SOURCE PLY ITERS SIZE
-    import sys
-
-    source, ply, iters, size = sys.argv[1:5] if argv is None else argv
-    torch.set_num_threads(1)
-    g, _ = load_or_fit(source, ply, int(iters), int(size))
-    print(ply, g.num_points)
-    return 0
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    raise SystemExit(_fit_main())
