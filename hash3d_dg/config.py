@@ -78,16 +78,17 @@ class Stage1Config:
 
 @dataclass
 class MeshConfig:
-    # defaults measured by `python -m hash3d_dg.bench mesh-phase` (3-4x less CPU than 128 /
-    # 100k / 512 at equal re-render fidelity): the fitted box makes 96 cells on the object as
-    # fine as 128 on the fixed +-1 box, 20k faces is what a 1024 texture shows (xatlas is
-    # super-linear in faces), and 224-px bake renders cost a sixth of 512-px ones on CPU
+    # defaults measured by `python -m hash3d_dg.bench mesh-phase` (3.1-4.9x less CPU than 128 /
+    # 100k / 512 at equal re-render fidelity, benchmarks/results/mesh_phase/): the fitted box
+    # makes 96 cells on the object as fine as 128 on the fixed +-1 box, 15k faces is about what
+    # a 1024 texture shows (xatlas is super-linear in faces), and 192-px bake renders cost a
+    # seventh of 512-px ones on CPU
     resolution: int = 96
     density_thresh: float = 1.0
     bound: float = 1.0
-    decimate_target: int = 20_000
+    decimate_target: int = 15_000
     texture_size: int = 1024
-    bake_render_size: int = 224
+    bake_render_size: int = 192
     # map the Gaussians' bounding box (opacity > 0.005) to +-box_fill before sampling the grid
     # (DreamGaussian), so resolution is spent on the object; off: the fixed box +-bound
     fit_box: bool = True

@@ -42,13 +42,12 @@ PRESETS: dict[str, dict] = {
     # the defaults with the other two bake modes
     "default_first": dict(bake_mode="first"),
     "default_average": dict(bake_mode="average"),
-    # the defaults with larger or fewer bake renders
+    # the defaults with more faces and larger bake renders (the defaults of commit fc74539),
+    # larger renders only, fewer views, a coarser grid
+    "faces20k_bake224": dict(decimate_target=20_000, bake_render_size=224),
     "bake256": dict(bake_render_size=256),
     "views14": dict(bake_views="upper14"),
-    # a coarser grid / fewer faces before the atlas
     "res80": dict(resolution=80),
-    "faces15k": dict(decimate_target=15_000),
-    "faces15k_bake192": dict(decimate_target=15_000, bake_render_size=192),
 }
 
 #: Held-out views (elevation, azimuth): between the bake cameras' azimuths and elevations.
