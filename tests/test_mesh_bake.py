@@ -160,3 +160,9 @@ def test_mesh_phase_fidelity_scores_a_mesh_against_its_source(sphere):
     assert other["iou"] == 1.0 and 5.0 < other["psnr_held_out"] < 20.0
     small = Mesh(sphere.v * 0.8, sphere.f, sphere.vn, sphere.vt, sphere.ft, textured.albedo)
     assert 0.55 < fidelity(small, cameras, refs_of(textured))["iou"] < 0.75  # area ratio 0.64
+
+
+def test_pymeshlab_cleanup_keeps_a_mesh_whose_every_component_is_small():
+    tiny = trimesh.creation.icosahedron()  # 20 faces, fewer than the 64-face floater limit
+    v2, f2 = clean_pymeshlab(tiny.vertices, tiny.faces, min_component_faces=64)
+    assert len(f2) == 20

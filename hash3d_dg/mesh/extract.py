@@ -89,7 +89,8 @@ def clean_pymeshlab(vertices: np.ndarray, faces: np.ndarray, merge_close_pct: fl
     than ``merge_close_pct`` % of the bounding-box diagonal, drop duplicate and null faces, drop
     connected components smaller than ``min_component_pct`` % of the diagonal or with fewer than
     ``min_component_faces`` faces, repair non-manifold edges (removing faces) and vertices
-    (splitting them). A percentage or count of 0 skips that step."""
+    (splitting them). A percentage or count of 0 skips that step. When the component limits
+    would remove every face (a tiny mesh), they are skipped."""
     import pymeshlab as pml
 
     ms = pml.MeshSet()
@@ -109,6 +110,10 @@ def clean_pymeshlab(vertices: np.ndarray, faces: np.ndarray, merge_close_pct: fl
     ms.meshing_repair_non_manifold_vertices(vertdispratio=0)
     ms.meshing_remove_unreferenced_vertices()
     m = ms.current_mesh()
+    if m.face_number() == 0 and (min_component_pct > 0 or min_component_faces > 0):
+        # every component was "small" (a tiny mesh): keep them rather than return nothing
+        logger.warning("clean-up: every component is below the size limits; keeping them all")
+        return clean_pymeshlab(vertices, faces, merge_close_pct, 0.0, 0)
     return np.asarray(m.vertex_matrix(), np.float64), np.asarray(m.face_matrix(), np.int64)
 
 
