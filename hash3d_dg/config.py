@@ -90,7 +90,10 @@ class MeshConfig:
     texture_size: int = 1024
     bake_render_size: int = 192
     # map the Gaussians' bounding box (opacity > 0.005) to +-box_fill before sampling the grid
-    # (DreamGaussian), so resolution is spent on the object; off: the fixed box +-bound
+    # (DreamGaussian), so resolution is spent on the object; off: the fixed box +-bound.
+    # Measured: on the oracle object vs ground truth it costs ~0.15 dB before stage 2 (the box
+    # bounds the means, so a surface reaching past them can be clipped); kept as DreamGaussian's
+    # scheme because nothing outside +-1 is lost; `false` restores the fixed box
     fit_box: bool = True
     box_fill: float = 0.9
     # clean-up after marching cubes: pymeshlab (merge close vertices, drop small components,
