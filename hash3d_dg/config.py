@@ -105,12 +105,38 @@ class Stage1Config:
 
 @dataclass
 class MeshConfig:
-    resolution: int = 128
+    # defaults measured by `python -m hash3d_dg.bench mesh-phase` (3.1-4.9x less CPU than 128 /
+    # 100k / 512 at equal re-render fidelity, benchmarks/results/mesh_phase/): the fitted box
+    # makes 96 cells on the object as fine as 128 on the fixed +-1 box, 15k faces is about what
+    # a 1024 texture shows (xatlas is super-linear in faces), and 192-px bake renders cost a
+    # seventh of 512-px ones on CPU
+    resolution: int = 96
     density_thresh: float = 1.0
     bound: float = 1.0
-    decimate_target: int = 100_000
+    decimate_target: int = 15_000
     texture_size: int = 1024
-    bake_render_size: int = 512
+    bake_render_size: int = 192
+    # map the Gaussians' bounding box (opacity > 0.005) to +-box_fill before sampling the grid
+    # (DreamGaussian), so resolution is spent on the object; off: the fixed box +-bound.
+    # Measured: on the oracle object vs ground truth it costs ~0.15 dB before stage 2 (the box
+    # bounds the means, so a surface reaching past them can be clipped); kept as DreamGaussian's
+    # scheme because nothing outside +-1 is lost; `false` restores the fixed box
+    fit_box: bool = True
+    box_fill: float = 0.9
+    # clean-up after marching cubes: pymeshlab (merge close vertices, drop small components,
+    # repair non-manifold edges/vertices, as DreamGaussian) | basic (trimesh: largest component)
+    clean: str = "pymeshlab"
+    merge_close_pct: float = 1.0  # % of the bbox diagonal (DreamGaussian: 1)
+    min_component_pct: float = 20.0  # drop components under this % of the bbox diagonal
+    min_component_faces: int = 64
+    keep_largest: bool = False  # also drop every component but the largest
+    # bake: front = texels the input view sees at cos > bake_first_cos take its colour, the rest
+    # the cosine-weighted average of every view (measured best); first = the first view (front
+    # first) that sees a texel at cos > bake_first_cos wins, the rest averaged (DreamGaussian);
+    # average = cosine-weighted average of every view (before)
+    bake_mode: str = "front"
+    bake_first_cos: float = 0.5
+    bake_views: str = "default18"  # default18 | upper14 (hash3d_dg.mesh.bake.BAKE_VIEW_SETS)
 
 
 @dataclass

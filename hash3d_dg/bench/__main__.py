@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m hash3d_dg.bench {flops,cache-exactness,macs,speed,oracle,gpu} [--json]``."""
+"""Benchmarks: ``python -m hash3d_dg.bench {flops,cache-exactness,macs,speed,mesh-phase,oracle,gpu} [--json]``."""
 
 from __future__ import annotations
 
@@ -43,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     speed.add_arguments(p)
     p.add_argument("--json", action="store_true")
 
+    from hash3d_dg.bench import mesh_phase
+
+    p = sub.add_parser("mesh-phase", help="mesh phase seconds per step and texture fidelity, today's settings vs the faster ones")
+    mesh_phase.add_arguments(p)
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("oracle", help="quality without weights: an oracle denoiser stands in for Zero-1-to-3")
     try:
         from hash3d_dg.bench import oracle
@@ -78,6 +84,14 @@ def main(argv: list[str] | None = None) -> int:
         result = macs.run_from_args(args)
     elif args.command == "speed":
         result = speed.run_from_args(args)
+    elif args.command == "mesh-phase":
+        from hash3d_dg.errors import UserError
+
+        try:
+            result = mesh_phase.run_from_args(args)
+        except (UserError, ValueError, OSError) as exc:  # a bad --ply / --source: one line
+            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 2
     else:
         result = oracle.run_from_args(args)
     _print(result, args.json)

@@ -16,6 +16,14 @@ Antialiasing (``antialias=True``): with ``nvdiffrast`` the composited rgb and al
 ``dr.antialias`` (analytic edge blend, gives silhouette gradients to vertex positions); with
 ``torch`` rgb and alpha are rendered at 2x2 supersampling and box-filtered (smooth edges, but no
 silhouette gradients). The other outputs (depth, tri_id, bary, uv, normal) are never blended.
+
+Texture filtering (``texture_filter``): ``bilinear`` (default), or ``mipmap``: trilinear
+``linear-mipmap-linear`` lookups whose level of detail comes from the uv footprint of a pixel.
+With ``torch`` the uv derivatives are central differences of the visible triangle's
+perspective-correct uv half a pixel to either side (``attribute_derivatives``) and the pyramid is
+2x2 box-filtered (``mip_pyramid``); with ``nvdiffrast`` they come from ``dr.interpolate(...,
+rast_db, diff_attrs='all')`` and the lookup is ``dr.texture(..., filter_mode=
+'linear-mipmap-linear')``.
 """
 
 from __future__ import annotations
@@ -26,13 +34,15 @@ import torch
 from torch import Tensor
 
 from hash3d_dg.camera import Camera
-from hash3d_dg.mesh.mesh import Mesh, sample_texture, vertex_normals
+from hash3d_dg.mesh.mesh import (Mesh, mip_level, mip_pyramid, sample_texture, sample_texture_mip,
+                                 vertex_normals)
 from hash3d_dg.mesh.rasterize_nvdiffrast import (antialias_nvdiffrast, nvdiffrast_available,
-                                                 rasterize_nvdiffrast)
-from hash3d_dg.mesh.rasterize_torch import rasterize_torch
+                                                 rasterize_nvdiffrast, texture_nvdiffrast)
+from hash3d_dg.mesh.rasterize_torch import attribute_derivatives, rasterize_torch
 
 
 MESH_BACKENDS = ("torch", "nvdiffrast")
+TEXTURE_FILTERS = ("bilinear", "mipmap")
 
 
 @dataclass
@@ -89,12 +99,14 @@ def _scatter(n_pix: int, idx: Tensor, values: Tensor) -> Tensor:
 
 
 def _shade(tri_id: Tensor, bary: Tensor, f: Tensor, vn: Tensor, vt: Tensor | None,
-           ft: Tensor | None, texture: Tensor | None) -> dict[str, Tensor]:
+           ft: Tensor | None, texture: Tensor | None, lookup=None) -> dict[str, Tensor]:
     """Interpolate uv / normals and sample the texture at covered pixels.
 
     Args:
         tri_id: ``[H, W]``; bary: ``[H, W, 3]``; f/ft: ``[F, 3]``; vn: ``[V, 3]``; vt: ``[T, 2]``;
         texture: ``[Th, Tw, 3]`` or None (untextured surfaces are white).
+        lookup: optional ``(texture, uv [N, 2]) -> [N, 3]`` replacing the bilinear lookup
+            (N = covered pixels in ``nonzero(tri_id.view(-1) >= 0)`` order).
 
     Returns dict of ``fg [H, W, 3]`` (surface colour, 0 where empty), ``alpha [H, W, 1]``,
     ``uv [H, W, 2]``, ``normal [H, W, 3]``.
@@ -113,7 +125,7 @@ def _shade(tri_id: Tensor, bary: Tensor, f: Tensor, vn: Tensor, vt: Tensor | Non
     else:
         uv = b.new_zeros((idx.numel(), 2))
     if texture is not None and vt is not None:
-        fg = sample_texture(texture.to(dtype), uv)
+        fg = (lookup or sample_texture)(texture.to(dtype), uv)
     else:
         fg = b.new_ones((idx.numel(), 3))
     alpha = (flat >= 0).to(dtype).view(h, w, 1)
@@ -137,7 +149,8 @@ def _background(background: Tensor | None, h: int, w: int, like: Tensor) -> Tens
 
 def rasterize_mesh(mesh: Mesh, camera: Camera, background: Tensor | None = None,
                    backend: str = "auto", vertex_offsets: Tensor | None = None,
-                   albedo: Tensor | None = None, antialias: bool = False) -> MeshRender:
+                   albedo: Tensor | None = None, antialias: bool = False,
+                   texture_filter: str = "bilinear") -> MeshRender:
     """Render ``mesh`` from ``camera`` (see the module docstring for conventions).
 
     Args:
@@ -150,7 +163,13 @@ def rasterize_mesh(mesh: Mesh, camera: Camera, background: Tensor | None = None,
             recomputed from the displaced positions (differentiably).
         albedo: optional ``[Th, Tw, 3]`` texture overriding ``mesh.albedo`` (e.g. trainable).
         antialias: smooth silhouette edges of rgb/alpha (see module docstring).
+        texture_filter: ``bilinear`` or ``mipmap`` (trilinear, ``linear-mipmap-linear``: the
+            level of detail comes from each pixel's uv footprint, so a minified texture is
+            averaged over the texels a pixel covers and its gradient spreads over them).
     """
+    if texture_filter not in TEXTURE_FILTERS:
+        raise ValueError(f"unknown texture filter {texture_filter!r}: expected one of "
+                         + ", ".join(TEXTURE_FILTERS))
     device = mesh.v.device
     name = resolve_mesh_backend(backend, device)
     f = mesh.f
@@ -166,15 +185,31 @@ def rasterize_mesh(mesh: Mesh, camera: Camera, background: Tensor | None = None,
     h, w = camera.height, camera.width
     mvp = camera.mvp(device=device, dtype=dtype)
 
+    mip = texture_filter == "mipmap" and texture is not None and mesh.vt is not None
+    pyramid = mip_pyramid(texture.to(dtype)) if mip else None  # shared by the lookups
+
+    def torch_lookup(tri):
+        if not mip:
+            return None
+        uv_dx, uv_dy = attribute_derivatives(v.detach(), f, mvp, tri, mesh.vt, mesh.ft)
+
+        def lookup(tex, uv):
+            level = mip_level(uv_dx, uv_dy, tex.shape[:2])
+            return sample_texture_mip(tex, uv, level, pyramid)
+        return lookup
+
     if name == "torch":
         tri_id, bary, depth = rasterize_torch(v, f, mvp, w, h, near=camera.near)
-        sh = _shade(tri_id, bary, f, vn, mesh.vt, mesh.ft, texture)
         bg = _background(background, h, w, bary)
+        if antialias:  # the 1x shading would be thrown away: only its geometry is returned
+            sh = _shade(tri_id, bary, f, vn, mesh.vt, mesh.ft, None)
+        else:
+            sh = _shade(tri_id, bary, f, vn, mesh.vt, mesh.ft, texture, torch_lookup(tri_id))
         alpha = sh["alpha"]
         rgb = sh["fg"] * alpha + bg * (1.0 - alpha)
         if antialias:
             tri2, bary2, _ = rasterize_torch(v, f, mvp, 2 * w, 2 * h, near=camera.near)
-            sh2 = _shade(tri2, bary2, f, vn, mesh.vt, mesh.ft, texture)
+            sh2 = _shade(tri2, bary2, f, vn, mesh.vt, mesh.ft, texture, torch_lookup(tri2))
             bg2 = bg if bg.ndim == 1 else bg.repeat_interleave(2, 0).repeat_interleave(2, 1)
             rgb2 = sh2["fg"] * sh2["alpha"] + bg2 * (1.0 - sh2["alpha"])
             pooled = torch.nn.functional.avg_pool2d(
@@ -186,7 +221,12 @@ def rasterize_mesh(mesh: Mesh, camera: Camera, background: Tensor | None = None,
 
     # nvdiffrast: shade in its bottom-row-first layout, antialias, then flip rows
     tri_id, bary, depth, state = rasterize_nvdiffrast(v, f, mvp, w, h)
-    sh = _shade(tri_id, bary, f, vn, mesh.vt, mesh.ft, texture)
+    lookup = None
+    if mip:
+        covered = torch.nonzero(tri_id.reshape(-1) >= 0).squeeze(1)
+        lookup = lambda tex, uv: texture_nvdiffrast(  # noqa: E731
+            tex, mesh.vt, mesh.ft, state).reshape(-1, tex.shape[-1])[covered]
+    sh = _shade(tri_id, bary, f, vn, mesh.vt, mesh.ft, texture, lookup)
     bg = _background(background, h, w, bary)
     if bg.ndim == 3:
         bg = bg.flip(0)

@@ -4,7 +4,20 @@ For every bake view the source (the Gaussians) is rendered with ``render_fn(came
 mesh is rasterised from the same camera. Each mesh pixel knows its uv; pixels that the source
 covers (source alpha > ``alpha_threshold``) and that face the camera (cosine between the
 interpolated normal and the direction to the camera > ``min_cos``) are splatted into the atlas
-with bilinear weights times that cosine. Texels get the weighted average over all views.
+with bilinear weights. Two ways to combine the views (``mode``):
+
+* ``average``: every texel gets the average over all views, each sample weighted by its cosine.
+* ``first`` (DreamGaussian): views are visited front first (sorted by the angle between their
+  direction and the input view's, ``front``, which is added to the views when missing); a texel takes the colour of the FIRST view that
+  sees it at a cosine above ``first_cos`` and is then locked, so the input view's detail is not
+  blurred by oblique views. Per view, the texels it locks are its splats with small holes
+  filled from coarser levels (push-pull, below), limited to the uv triangles of the faces that
+  view saw at that cosine (so a coarse level never leaks into a neighbouring chart). Texels that
+  no view saw at ``first_cos`` take the cosine-weighted ``average`` of the rest.
+* ``front``: as ``first``, but only the input (front-most) view locks texels; every other texel
+  takes the cosine-weighted ``average`` of all views. The input view keeps its detail and the
+  other views are not locked to whichever oblique view came first (measured better than both
+  on held-out views at equal input-view fidelity, see the README).
 
 Hole filling, limited to the atlas (texels covered by a uv triangle, dilated by ``dilate``
 texels so bilinear lookups at chart borders stay on the chart colour):
@@ -42,6 +55,34 @@ DEFAULT_BAKE_VIEWS: tuple[tuple[float, float], ...] = (
     + tuple((45.0, az) for az in (0.0, 90.0, 180.0, -90.0))
     + ((-89.0, 0.0), (89.0, 0.0))
 )
+
+
+#: The 18 views without the row from 45 degrees below: 8 around the equator, 4 from 45 degrees
+#: above, straight top and bottom.
+UPPER_BAKE_VIEWS: tuple[tuple[float, float], ...] = tuple(
+    v for v in DEFAULT_BAKE_VIEWS if v[0] != 45.0)
+
+#: Named view sets (``mesh.bake_views``).
+BAKE_VIEW_SETS: dict[str, tuple[tuple[float, float], ...]] = {
+    "default18": DEFAULT_BAKE_VIEWS,
+    "upper14": UPPER_BAKE_VIEWS,
+}
+
+BAKE_MODES = ("front", "first", "average")
+
+
+def _direction(elevation: float, azimuth: float) -> Tensor:
+    el, az = torch.deg2rad(torch.tensor(float(elevation))), torch.deg2rad(torch.tensor(float(azimuth)))
+    return torch.stack([torch.cos(el) * torch.sin(az), -torch.sin(el), torch.cos(el) * torch.cos(az)])
+
+
+def front_first(views: Sequence[tuple[float, float]], front: tuple[float, float] = (0.0, 0.0)
+                ) -> list[tuple[float, float]]:
+    """``views`` sorted by the angle between their camera direction and ``front``'s (stable)."""
+    d0 = _direction(*front)
+    angle = [float(torch.arccos((_direction(*v) @ d0).clamp(-1, 1))) for v in views]
+    order = sorted(range(len(views)), key=lambda i: (round(angle[i], 6), i))
+    return [tuple(views[i]) for i in order]
 
 
 def _splat(acc: Tensor, wacc: Tensor, uv: Tensor, colour: Tensor, weight: Tensor, size: int) -> None:
@@ -90,11 +131,14 @@ def _pull_fill(acc: Tensor, wacc: Tensor, levels: int, eps: float = 1e-8
     return colour, valid
 
 
-def atlas_mask(mesh: Mesh, size: int, dilate: int = 2) -> Tensor:
-    """Bool ``[S, S]`` texels covered by a uv triangle, dilated by ``dilate`` texels (row 0 = top)."""
+def atlas_mask(mesh: Mesh, size: int, dilate: int = 2, tri_id: Tensor | None = None) -> Tensor:
+    """Bool ``[S, S]`` texels covered by a uv triangle, dilated by ``dilate`` texels (row 0 = top).
+
+    ``tri_id``: the atlas raster ``rasterize_uv(mesh.vt, mesh.ft, size)[0]`` when already made."""
     from scipy import ndimage
 
-    tri_id, _ = rasterize_uv(mesh.vt, mesh.ft, size)
+    if tri_id is None:
+        tri_id, _ = rasterize_uv(mesh.vt, mesh.ft, size)
     mask = (tri_id >= 0).cpu().numpy()
     if dilate > 0:
         mask = ndimage.binary_dilation(mask, iterations=dilate)
@@ -105,7 +149,8 @@ def bake_texture(mesh: Mesh, render_fn: Callable[[Camera], tuple[Tensor, Tensor]
                  views: Sequence[tuple[float, float]] = DEFAULT_BAKE_VIEWS, radius: float = 2.0,
                  render_size: int = 512, texture_size: int = 1024, fovy: float = DEFAULT_FOVY,
                  backend: str = "auto", min_cos: float = 0.1, alpha_threshold: float = 0.5,
-                 pull_levels: int = 3, dilate: int = 2) -> Tensor:
+                 pull_levels: int = 3, dilate: int = 2, mode: str = "average",
+                 first_cos: float = 0.5, front: tuple[float, float] = (0.0, 0.0)) -> Tensor:
     """Bake an albedo texture ``[T, T, 3]`` in [0, 1] for ``mesh`` (which needs ``vt``/``ft``).
 
     Args:
@@ -118,9 +163,13 @@ def bake_texture(mesh: Mesh, render_fn: Callable[[Camera], tuple[Tensor, Tensor]
         texture_size: output texture side ``T`` (best equal to the ``unwrap_uv`` resolution).
         backend: mesh rasteriser backend.
         min_cos, alpha_threshold, pull_levels, dilate: see the module docstring.
+        mode: ``front``, ``first`` or ``average`` (see the module docstring); ``first_cos`` and
+            ``front`` (the input view's ``(elevation, azimuth)``) do not matter for ``average``.
     """
     if not mesh.has_uv:
         raise ValueError("bake_texture needs a uv atlas: call mesh.unwrap_uv() first")
+    if mode not in BAKE_MODES:
+        raise ValueError(f"unknown bake mode {mode!r}: expected one of {', '.join(BAKE_MODES)}")
     device = mesh.v.device
     size = int(texture_size)
     acc = torch.zeros(size * size, 3, device=device)
@@ -129,7 +178,20 @@ def bake_texture(mesh: Mesh, render_fn: Callable[[Camera], tuple[Tensor, Tensor]
     if untextured.vn is None:
         untextured = untextured.compute_normals()
     v, f = untextured.v.float(), untextured.f
-    for elevation, azimuth in views:
+    atlas_tri, _ = rasterize_uv(untextured.vt, untextured.ft, size)
+    atlas_tri = atlas_tri.to(device)
+    first = mode in ("first", "front")
+    if first:
+        views = list(views)
+        if not any(abs(el - front[0]) < 1e-6 and abs(az - front[1]) < 1e-6 for el, az in views):
+            views.insert(0, (float(front[0]), float(front[1])))  # the input view itself
+        views = front_first(views, front)
+        lock_views = len(views) if mode == "first" else 1
+        locked = torch.zeros(size, size, dtype=torch.bool, device=device)
+        first_colour = torch.zeros(size, size, 3, device=device)
+        view_acc = torch.zeros(size * size, 3, device=device)
+        view_w = torch.zeros(size * size, device=device)
+    for view_index, (elevation, azimuth) in enumerate(views):
         cam = Camera.orbit(elevation, azimuth, radius, render_size, fovy=fovy)
         with torch.no_grad():
             src_rgb, src_alpha = render_fn(cam)
@@ -150,11 +212,29 @@ def bake_texture(mesh: Mesh, render_fn: Callable[[Camera], tuple[Tensor, Tensor]
         keep = (cos > min_cos) & (src_alpha[covered] > alpha_threshold)
         if not bool(keep.any()):
             continue
-        _splat(acc, wacc, r.uv[covered][keep].float(), src_rgb[covered][keep], cos[keep], size)
+        uv, colour = r.uv[covered][keep].float(), src_rgb[covered][keep]
+        _splat(acc, wacc, uv, colour, cos[keep], size)
+        if first and view_index < lock_views:
+            sel = cos[keep] > first_cos
+            if not bool(sel.any()):
+                continue
+            view_acc.zero_()
+            view_w.zero_()
+            _splat(view_acc, view_w, uv[sel], colour[sel], torch.ones_like(cos[keep][sel]), size)
+            c_view, ok_view = _pull_fill(view_acc.view(size, size, 3), view_w.view(size, size),
+                                         pull_levels)
+            seen = torch.zeros(f.shape[0] + 1, dtype=torch.bool, device=device)
+            seen[tid[keep][sel] + 1] = True  # index 0 stands for "no triangle" (atlas_tri -1)
+            new = ok_view & ~locked & seen[atlas_tri + 1]
+            first_colour[new] = c_view[new]
+            locked |= new
     if not bool((wacc > 0).any()):
         raise ValueError("bake_texture: no view saw the mesh inside the source's alpha")
     colour, valid = _pull_fill(acc.view(size, size, 3), wacc.view(size, size), pull_levels)
-    mask = atlas_mask(untextured, size, dilate)
+    if first:
+        colour = torch.where(locked[..., None], first_colour, colour)
+        valid = valid | locked
+    mask = atlas_mask(untextured, size, dilate, atlas_tri)
     valid = valid & mask
     if not bool(valid.all()) and bool(valid.any()):
         from scipy import ndimage
@@ -166,6 +246,8 @@ def bake_texture(mesh: Mesh, render_fn: Callable[[Camera], tuple[Tensor, Tensor]
     # Every texel outside the atlas also takes its nearest chart colour, so mip-mapped lookups in
     # viewers (Blender, three.js) and bilinear lookups at chart borders never bleed black.
     texture = colour
-    seen = float((wacc.view(size, size) > 0)[mask].float().mean())
-    logger.info("bake: %d views, %.1f%% of atlas texels hit directly", len(views), 100.0 * seen)
+    seen_frac = float((wacc.view(size, size) > 0)[mask].float().mean())
+    extra = f", {100.0 * float(locked[mask].float().mean()):.1f}% locked by a first view" if first else ""
+    logger.info("bake (%s): %d views, %.1f%% of atlas texels hit directly%s", mode, len(views),
+                100.0 * seen_frac, extra)
     return texture.clamp(0.0, 1.0)

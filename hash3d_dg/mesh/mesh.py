@@ -46,6 +46,55 @@ def sample_texture(texture: Tensor, uv: Tensor) -> Tensor:
     return out[0, :, 0, :].transpose(0, 1)
 
 
+def mip_pyramid(texture: Tensor, levels: int | None = None) -> list[Tensor]:
+    """Box-filtered mip levels of ``texture [Th, Tw, C]`` (level 0 = the texture), each level
+    the 2x2 mean of the one above (``adaptive_avg_pool2d``, so odd sizes round down and a level
+    never drops below 1 texel). Differentiable: gradients reach the level-0 texels."""
+    out = [texture]
+    tex = texture.permute(2, 0, 1).unsqueeze(0)
+    while (levels is None or len(out) < levels) and max(tex.shape[-2:]) > 1:
+        size = (max(1, tex.shape[-2] // 2), max(1, tex.shape[-1] // 2))
+        tex = torch.nn.functional.adaptive_avg_pool2d(tex, size)
+        out.append(tex[0].permute(1, 2, 0))
+    return out
+
+
+def mip_level(uv_dx: Tensor, uv_dy: Tensor, texture_hw: tuple[int, int]) -> Tensor:
+    """Level of detail ``[N]`` from uv derivatives per pixel step (``[N, 2]`` each): log2 of the
+    longer of the two footprint axes in level-0 texels (the OpenGL rule), clamped at 0."""
+    scale = uv_dx.new_tensor([float(texture_hw[1]), float(texture_hw[0])])
+    fx = (uv_dx * scale).norm(dim=-1)
+    fy = (uv_dy * scale).norm(dim=-1)
+    return torch.log2(torch.maximum(fx, fy).clamp_min(1e-12)).clamp_min(0.0)
+
+
+def sample_texture_mip(texture: Tensor, uv: Tensor, level: Tensor,
+                       pyramid: list[Tensor] | None = None) -> Tensor:
+    """Trilinear (``linear-mipmap-linear``) lookup of ``texture [Th, Tw, C]`` at ``uv [N, 2]``
+    with level of detail ``level [N]`` (see :func:`mip_level`): bilinear samples of the two
+    nearest mip levels, blended linearly. ``level`` 0 is exactly :func:`sample_texture`.
+    Differentiable in the texture and in ``uv`` (not in ``level``)."""
+    if uv.shape[0] == 0:
+        return texture.new_zeros((0, texture.shape[-1]))
+    levels = pyramid if pyramid is not None else mip_pyramid(texture)
+    lod = level.detach().to(uv.dtype).clamp(0.0, float(len(levels) - 1))
+    lo = torch.floor(lod).long()
+    frac = (lod - lo.to(lod.dtype))[:, None]
+    out = texture.new_zeros((uv.shape[0], texture.shape[-1])).to(torch.promote_types(
+        texture.dtype, uv.dtype))
+    for k in range(int(lo.max()) + 1):
+        here = lo == k
+        if not bool(here.any()):
+            continue
+        idx = torch.nonzero(here).squeeze(1)
+        sample = sample_texture(levels[k], uv[idx])
+        fr = frac[idx]
+        if k + 1 < len(levels) and bool((fr > 0).any()):
+            sample = sample * (1.0 - fr) + sample_texture(levels[k + 1], uv[idx]) * fr
+        out = out.index_put((idx,), sample.to(out.dtype))
+    return out
+
+
 def vertex_normals(v: Tensor, f: Tensor) -> Tensor:
     """Area-weighted unit vertex normals ``[V, 3]`` of vertices ``v [V, 3]`` and faces ``f [F, 3]``.
 

@@ -33,7 +33,8 @@ def rasterize_nvdiffrast(v: Tensor, faces: Tensor, mvp: Tensor, width: int, heig
 
     Returns ``tri_id [H, W]`` (-1 empty), perspective-correct ``bary [H, W, 3]`` (differentiable
     in ``v`` through nvdiffrast's rasterize backward), ``depth [H, W]`` (clip w, i.e. distance
-    along the view axis, 0 empty), and ``(rast, clip, tri32)`` for ``dr.antialias``.
+    along the view axis, 0 empty), and ``(rast, clip, tri32, rast_db)`` for ``dr.antialias`` and
+    mip-mapped ``dr.texture``.
     """
     import nvdiffrast.torch as dr
 
@@ -44,7 +45,7 @@ def rasterize_nvdiffrast(v: Tensor, faces: Tensor, mvp: Tensor, width: int, heig
     v32 = v.float()
     clip = (torch.cat([v32, torch.ones_like(v32[:, :1])], dim=-1) @ mvp.T).unsqueeze(0).contiguous()
     tri32 = faces.to(torch.int32).contiguous()
-    rast, _ = dr.rasterize(ctx, clip, tri32, resolution=(height, width))
+    rast, rast_db = dr.rasterize(ctx, clip, tri32, resolution=(height, width), grad_db=True)
     r = rast[0]
     tri_id = r[..., 3].round().long() - 1  # 0 = empty
     covered = (tri_id >= 0).unsqueeze(-1)
@@ -54,13 +55,32 @@ def rasterize_nvdiffrast(v: Tensor, faces: Tensor, mvp: Tensor, width: int, heig
     cw = clip[0, :, 3:4].contiguous().unsqueeze(0)  # [1, V, 1]
     depth, _ = dr.interpolate(cw, rast, tri32)
     depth = depth[0, ..., 0] * covered[..., 0]
-    return tri_id, bary.to(v.dtype), depth.to(v.dtype), (rast, clip, tri32)
+    return tri_id, bary.to(v.dtype), depth.to(v.dtype), (rast, clip, tri32, rast_db)
 
 
 def antialias_nvdiffrast(color: Tensor, raster_state) -> Tensor:
     """``dr.antialias`` of an image ``[H, W, C]`` in nvdiffrast's layout (gradients to positions)."""
     import nvdiffrast.torch as dr
 
-    rast, clip, tri32 = raster_state
+    rast, clip, tri32, _ = raster_state
     out = dr.antialias(color.float().unsqueeze(0).contiguous(), rast, clip, tri32)
     return out[0].to(color.dtype)
+
+
+def texture_nvdiffrast(texture: Tensor, vt: Tensor, ft: Tensor, raster_state) -> Tensor:
+    """Trilinear mip-mapped lookup (``dr.texture(..., filter_mode='linear-mipmap-linear')``) of
+    ``texture [Th, Tw, C]`` (row 0 = top, the package convention) at every pixel, in nvdiffrast's
+    layout: ``[H, W, C]`` (zeros where empty). uv derivatives come from ``dr.interpolate`` with
+    the rasteriser's ``rast_db``."""
+    import nvdiffrast.torch as dr
+
+    rast, _, _, rast_db = raster_state
+    texc, texc_db = dr.interpolate(vt.float().unsqueeze(0).contiguous(), rast,
+                                   ft.to(torch.int32).contiguous(), rast_db=rast_db,
+                                   diff_attrs="all")
+    # nvdiffrast reads texel row y at v = y / Th (row 0 at v = 0): flip our top-first rows
+    tex = texture.float().flip(0).unsqueeze(0).contiguous()
+    out = dr.texture(tex, texc, uv_da=texc_db, filter_mode="linear-mipmap-linear",
+                     boundary_mode="clamp")
+    covered = (rast[..., 3:] > 0).float()
+    return (out * covered)[0].to(texture.dtype)

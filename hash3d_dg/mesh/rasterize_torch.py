@@ -229,3 +229,39 @@ def rasterize_uv(vt: Tensor, ft: Tensor, size: int, pair_budget: int = DEFAULT_P
     bary = torch.zeros((size * size, 3), dtype=torch.float64, device=vt.device)
     bary[pix_idx] = bary_c
     return tri_id, bary.view(size, size, 3).float()
+
+
+@torch.no_grad()
+def attribute_derivatives(v: Tensor, faces: Tensor, mvp: Tensor, tri_id: Tensor, attr: Tensor,
+                          attr_faces: Tensor) -> tuple[Tensor, Tensor]:
+    """Screen-space derivatives of a perspective-correct vertex attribute at covered pixels.
+
+    For each covered pixel (in the order of ``nonzero(tri_id.view(-1) >= 0)``) the visible
+    triangle's barycentrics are evaluated half a pixel to either side of the centre on its own
+    plane (the triangle extended, as a GPU's pixel quad does), and the attribute ``attr [A, C]``
+    (indexed by ``attr_faces [F, 3]``, e.g. ``vt``/``ft``) is interpolated there; the central
+    differences are ``d/dx`` (one pixel to the right) and ``d/dy`` (one pixel down), ``[N, C]``.
+    Used for the mip level of texture lookups.
+    """
+    height, width = tri_id.shape
+    flat = tri_id.reshape(-1)
+    pix_idx = torch.nonzero(flat >= 0).squeeze(1)
+    tid = flat[pix_idx]
+    dtype = torch.float64
+    clip = torch.cat([v.to(dtype), torch.ones_like(v[:, :1], dtype=dtype)], dim=-1) @ mvp.to(
+        device=v.device, dtype=dtype).T
+    clip_tri = clip[faces[tid]]
+    pix = torch.stack([(pix_idx % width).to(dtype) + 0.5,
+                       torch.div(pix_idx, width, rounding_mode="floor").to(dtype) + 0.5], -1)
+    corner = attr.to(dtype)[attr_faces[tid]]  # [N, 3, C]
+
+    def at(offset):
+        b, _ = perspective_barycentrics(clip_tri, pix + pix.new_tensor(offset), width, height)
+        return (corner * b[..., None]).sum(dim=1)
+
+    d_dx = at((0.5, 0.0)) - at((-0.5, 0.0))
+    d_dy = at((0.0, 0.5)) - at((0.0, -0.5))
+    bad = ~(torch.isfinite(d_dx).all(-1) & torch.isfinite(d_dy).all(-1))
+    d_dx[bad] = 0.0
+    d_dy[bad] = 0.0
+    return d_dx.to(attr.dtype), d_dy.to(attr.dtype)

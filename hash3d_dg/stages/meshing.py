@@ -7,11 +7,32 @@ import time
 
 import torch
 
-from hash3d_dg.config import RunConfig
+from hash3d_dg.config import MeshConfig, RunConfig
+from hash3d_dg.errors import ConfigError
 from hash3d_dg.gaussians import GaussianModel
 from hash3d_dg.mesh import Mesh, bake_texture, extract_mesh
+from hash3d_dg.mesh.bake import BAKE_MODES, BAKE_VIEW_SETS
+from hash3d_dg.mesh.extract import fitted_box
+from hash3d_dg.mesh.timing import StepClock
 
 log = logging.getLogger(__name__)
+
+
+def check_mesh_config(m: MeshConfig) -> None:
+    """Raise ConfigError (one line) for mesh settings a type check cannot catch."""
+    checks = [
+        (m.bake_mode in BAKE_MODES, f"mesh.bake_mode must be one of {', '.join(BAKE_MODES)}"),
+        (m.bake_views in BAKE_VIEW_SETS,
+         f"mesh.bake_views must be one of {', '.join(BAKE_VIEW_SETS)}"),
+        (m.clean in ("pymeshlab", "basic"), "mesh.clean must be pymeshlab or basic"),
+        (0.0 < m.box_fill <= 1.0, "mesh.box_fill must lie in (0, 1]"),
+        (m.decimate_target >= 4, "mesh.decimate_target must be >= 4"),
+        (m.bake_render_size >= 8, "mesh.bake_render_size must be >= 8"),
+        (-1.0 <= m.bake_first_cos < 1.0, "mesh.bake_first_cos must lie in [-1, 1)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"invalid config: {message}")
 
 
 def extract_textured_mesh(gaussians: GaussianModel, cfg: RunConfig) -> tuple[Mesh, dict]:
@@ -19,23 +40,39 @@ def extract_textured_mesh(gaussians: GaussianModel, cfg: RunConfig) -> tuple[Mes
 
     Renders use the run's backends: ``cfg.stage1.backend`` for the Gaussians and
     ``cfg.stage2.backend`` for the mesh (the resolved names, when the config came from a
-    ``RunContext``)."""
+    ``RunContext``). The report holds the seconds of each step (``steps``)."""
     m = cfg.mesh
+    check_mesh_config(m)
     start = time.perf_counter()
+    clock = StepClock()
+    device = gaussians.get_means.device
     with torch.no_grad():
-        mesh = extract_mesh(gaussians.density, bound=m.bound, resolution=m.resolution,
+        if m.fit_box:
+            centre, bound = fitted_box(gaussians.get_means, gaussians.get_opacities, m.box_fill)
+        else:
+            centre, bound = (0.0, 0.0, 0.0), m.bound
+        mesh = extract_mesh(gaussians.density, bound=bound, resolution=m.resolution,
                             threshold=m.density_thresh, decimate_target=m.decimate_target,
-                            device=gaussians.get_means.device)
-        mesh = mesh.unwrap_uv(texture_size=m.texture_size)
-        background = torch.ones(3, device=gaussians.get_means.device)
+                            device=device, centre=centre, clean=m.clean,
+                            merge_close_pct=m.merge_close_pct,
+                            min_component_pct=m.min_component_pct,
+                            min_component_faces=m.min_component_faces,
+                            keep_largest=m.keep_largest or m.clean == "basic", clock=clock)
+        with clock.step("uv"):
+            mesh = mesh.unwrap_uv(texture_size=m.texture_size)
+        background = torch.ones(3, device=device)
 
         def render_fn(camera):
             out = gaussians.render(camera, background, backend=cfg.stage1.backend)
             return out.image, out.alpha
 
-        mesh.albedo = bake_texture(mesh, render_fn, radius=cfg.radius,
-                                   render_size=m.bake_render_size, texture_size=m.texture_size,
-                                   fovy=cfg.fovy, backend=cfg.stage2.backend)
+        with clock.step("bake"):
+            mesh.albedo = bake_texture(mesh, render_fn, views=BAKE_VIEW_SETS[m.bake_views],
+                                       radius=cfg.radius, render_size=m.bake_render_size,
+                                       texture_size=m.texture_size, fovy=cfg.fovy,
+                                       backend=cfg.stage2.backend, mode=m.bake_mode,
+                                       first_cos=m.bake_first_cos, front=(cfg.elevation, 0.0))
     report = {"seconds": round(time.perf_counter() - start, 3), "vertices": int(mesh.v.shape[0]),
-              "faces": int(mesh.f.shape[0]), "texture_size": m.texture_size}
+              "faces": int(mesh.f.shape[0]), "texture_size": m.texture_size,
+              **clock.report()}
     return mesh, report
