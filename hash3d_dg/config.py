@@ -60,6 +60,10 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 TINY_MODEL = "builtin:tiny"  # the built-in tiny random checkpoint (smoke runs, tests)
 
 
+MESH_BAKE_MODES = ("front", "first", "average")
+MESH_BAKE_VIEWS = ("default18", "upper14")
+
+
 @dataclass
 class GuidanceConfig:
     model: str = "ashawkey/stable-zero123-diffusers"  # hub id, local directory or builtin:tiny
@@ -428,6 +432,8 @@ def validate(cfg: RunConfig) -> None:
         ("mesh.decimate_target", m.decimate_target, 4, None, False, False, " faces"),
         ("mesh.texture_size", m.texture_size, 8, None, False, False, " px"),
         ("mesh.bake_render_size", m.bake_render_size, 8, None, False, False, " px"),
+        ("mesh.box_fill", m.box_fill, 0, 1, True, False, ""),
+        ("mesh.bake_first_cos", m.bake_first_cos, -1, 1, False, True, ""),
         ("stage2.iters", s2.iters, 0, None, False, False, ""),
         ("stage2.render_res", s2.render_res, 8, None, False, False, " px"),
         ("stage2.strength_start", s2.strength_start, 0, 1, False, True, ""),
@@ -462,6 +468,11 @@ def validate(cfg: RunConfig) -> None:
         ("matting", cfg.matting, ("auto", "alpha", "rembg", "border")),
         ("guidance.family", g.family, ("auto", "stable", "xl")),
         ("guidance.dtype", g.dtype, ("auto", "float16", "bfloat16", "float32")),
+        # The mesh choices are checked here, before stage 1, not only when meshing starts
+        # (hash3d_dg.mesh.bake.BAKE_MODES / BAKE_VIEW_SETS; tests keep the lists equal).
+        ("mesh.bake_mode", m.bake_mode, MESH_BAKE_MODES),
+        ("mesh.bake_views", m.bake_views, MESH_BAKE_VIEWS),
+        ("mesh.clean", m.clean, ("pymeshlab", "basic")),
     ]
     for key, value, allowed in choices:
         if value not in allowed:

@@ -135,3 +135,15 @@ def test_out_of_range_numbers_name_value_and_range(override, words):
     assert "\n" not in message
     for word in words:
         assert word in message, message
+
+
+def test_mesh_choices_are_checked_before_any_stage_and_match_the_baker():
+    from hash3d_dg.config import MESH_BAKE_MODES, MESH_BAKE_VIEWS
+    from hash3d_dg.mesh.bake import BAKE_MODES, BAKE_VIEW_SETS
+
+    assert tuple(MESH_BAKE_MODES) == tuple(BAKE_MODES)
+    assert tuple(MESH_BAKE_VIEWS) == tuple(BAKE_VIEW_SETS)
+    for override in ("mesh.bake_mode=sharp", "mesh.box_fill=1.5", "mesh.clean=none"):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [override])
+        assert override.split("=")[0] in str(err.value) and "\n" not in str(err.value)
