@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m hash3d_dg.bench {flops,cache-exactness,macs,speed,oracle} [--json]``."""
+"""Benchmarks: ``python -m hash3d_dg.bench {flops,cache-exactness,macs,breakdown,speed,oracle,pareto} [--json]``."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("flops", help="GMACs of the real stable-zero123 UNet / VAE (meta device)")
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--cache-point", default="last_subblock", choices=["last_subblock", "last_block"])
+    p.add_argument("--cache-point", default="paper", choices=["paper", "last_subblock", "last_block"])
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("cache-exactness", help="shallow cached path vs full forward on tiny UNets")
@@ -52,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         oracle.add_arguments(p)
     p.add_argument("--json", action="store_true")
 
+    from hash3d_dg.bench import pareto
+
+    p = sub.add_parser("pareto", help="oracle quality against UNet calls served shallow, per cache policy")
+    pareto.add_arguments(p)
+    p.add_argument("--json", action="store_true")
+
     args = parser.parse_args(argv)
     from hash3d_dg.cli import configure_logging
 
@@ -68,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         result = macs.run_from_args(args)
     elif args.command == "speed":
         result = speed.run_from_args(args)
+    elif args.command == "pareto":
+        result = pareto.run_from_args(args)
     else:
         result = oracle.run_from_args(args)
     _print(result, args.json)

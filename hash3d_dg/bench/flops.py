@@ -11,7 +11,7 @@ from functools import lru_cache
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-CACHE_POINTS = ("last_subblock", "last_block")
+from hash3d_dg.cache.config import CACHE_POINTS, NAMED_CACHE_POINTS
 
 
 def count_gmacs(fn, *args, **kwargs) -> float:
@@ -74,7 +74,7 @@ def vae_gmacs(image_size: int = 256) -> dict:
     return {"encode": encode, "decode": decode}
 
 
-def flops_report(image_size: int = 256, cache_point: str = "last_subblock") -> dict:
+def flops_report(image_size: int = 256, cache_point: str = "paper") -> dict:
     """The numbers `python -m hash3d_dg.bench flops` prints."""
     unet = unet_gmacs(image_size, 2)
     vae = vae_gmacs(image_size)
@@ -89,6 +89,7 @@ def flops_report(image_size: int = 256, cache_point: str = "last_subblock") -> d
         "unet_shallow_cache_point": cache_point,
         "unet_shallow_gmacs_by_point": {k: round(v, 3) for k, v in shallow.items()},
         "unet_shallow_fraction_by_point": {k: round(v / unet["full"], 4) for k, v in shallow.items()},
+        "cache_point_pairs": {k: list(v) for k, v in NAMED_CACHE_POINTS.items()},
         "vae_encode_gmacs": round(vae["encode"], 3),
         "vae_decode_gmacs": round(vae["decode"], 3),
         "counter": "torch.utils.flop_counter.FlopCounterMode on the meta device; GMACs = FLOPs / 2e9",
