@@ -41,6 +41,8 @@ class GuidanceConfig:
     image_size: int = 256  # guidance works on renders resized to this size
     lambda_zero123: float = 1.0  # weight of the SDS loss in stage 1 and the refine loss in stage 2
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float16 | float32
+    vae: str = "auto"  # renders' latents: auto (tiny for hash3d.mode=fast, else full) | full | tiny
+    tiny_vae: str = "madebyollin/taesd"  # AutoencoderTiny hub id or local directory (guidance.vae=tiny)
 
 
 @dataclass
@@ -307,6 +309,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.matting in ("auto", "alpha", "rembg", "border"), "matting must be auto, alpha, rembg or border"),
         (cfg.guidance.family in ("auto", "stable", "xl"), "guidance.family must be auto, stable or xl"),
         (cfg.guidance.dtype in ("auto", "float16", "float32"), "guidance.dtype must be auto, float16 or float32"),
+        (cfg.guidance.vae in ("auto", "full", "tiny"), "guidance.vae must be auto, full or tiny"),
         (cfg.guidance.image_size % 8 == 0 and cfg.guidance.image_size >= 32,
          "guidance.image_size must be a multiple of 8, at least 32"),
         (0.0 <= cfg.stage1.invert_bg_prob <= 1.0, "stage1.invert_bg_prob must lie in [0, 1]"),

@@ -10,10 +10,12 @@ Settings swept (all with the same seed, so the same views and noise):
 
 - ``eta``: the paper preset with retrieval probability eta;
 - ``eta+fallback``: eta with the timestep fall-back policy (``timestep_fallback`` cells);
-- ``fallback cells``: how far the fall-back may look;
 - ``gate``: the camera gate (``camera_gate_deg``) on top of the fall-back;
-- ``grid``: one fixed grid of 10 / 20 / 30 degrees (non-adaptive) with the fall-back;
-- ``off`` at several seeds: the seed-to-seed spread, the noise floor of every PSNR difference.
+- ``grid``: one fixed 30-degree grid (non-adaptive) with the fall-back;
+- ``off`` at other seeds: the seed-to-seed spread, the noise floor of every PSNR difference.
+
+A reduced sweep (``SWEEP``, ordered by how much each run tells): the whole grid of eta x cells x
+gates x cache points at the default iteration counts does not fit a 2-core machine.
 
 Stage 2 uses ``trajectory`` reuse in every cached setting (the fast preset's choice) so that the
 settings differ in stage 1 only. What the oracle can and cannot tell: its deep feature is the
@@ -35,38 +37,50 @@ import torch
 from hash3d_dg.bench.oracle import _run_job, grid_for, resolve_settings
 from hash3d_dg.cache import Hash3DConfig
 
-DEFAULT_ETAS = (0.1, 0.3, 0.5, 0.7, 1.0)
-FALLBACK_ETAS = (0.3, 0.5, 0.7, 1.0)
-FALLBACK_CELLS = (1, 10)
-GATES = (10.0, 20.0)
-GATE_ETAS = (0.7, 1.0)
-GRID_DEGREES = (10.0, 20.0, 30.0)
 NOISE_SEEDS = (1, 2)
 
 
-def sweep_settings(fallback: int = 3) -> list[tuple[str, dict, Hash3DConfig]]:
-    """``(label, {group, ...}, Hash3DConfig)`` of every setting of the sweep."""
-    rows: list[tuple[str, dict, Hash3DConfig]] = [("off", {"group": "off", "seed_offset": 0}, Hash3DConfig.preset("off"))]
-    for eta in DEFAULT_ETAS:
-        rows.append((f"paper eta {eta}", {"group": "eta", "eta": eta},
-                     Hash3DConfig.preset("paper", eta=eta, stage2="trajectory")))
-    for eta in FALLBACK_ETAS:
-        rows.append((f"eta {eta} + fallback {fallback}", {"group": "eta+fallback", "eta": eta, "fallback": fallback},
-                     Hash3DConfig.preset("paper", eta=eta, timestep_fallback=fallback, stage2="trajectory")))
-    for cells in FALLBACK_CELLS:
-        rows.append((f"eta 0.5 + fallback {cells}", {"group": "fallback cells", "eta": 0.5, "fallback": cells},
-                     Hash3DConfig.preset("paper", eta=0.5, timestep_fallback=cells, stage2="trajectory")))
-    for gate in GATES:
-        for eta in GATE_ETAS:
-            rows.append((f"eta {eta} + fallback {fallback} + gate {gate:g}",
-                         {"group": "gate", "eta": eta, "fallback": fallback, "gate": gate},
-                         Hash3DConfig.preset("paper", eta=eta, timestep_fallback=fallback,
-                                             camera_gate_deg=gate, stage2="trajectory")))
-    for deg in GRID_DEGREES:
-        rows.append((f"grid {deg:g} eta 0.5 + fallback {fallback}",
-                     {"group": "grid", "eta": 0.5, "fallback": fallback, "grid": grid_for(deg)},
-                     Hash3DConfig.preset("paper", eta=0.5, grids=[grid_for(deg)], adaptive=False,
-                                         timestep_fallback=fallback, stage2="trajectory")))
+def _policy(eta: float, fallback: int = 0, gate: float | None = None, grid: float | None = None) -> Hash3DConfig:
+    extra = {} if grid is None else {"grids": [grid_for(grid)], "adaptive": False}
+    return Hash3DConfig.preset("paper", eta=eta, timestep_fallback=fallback, camera_gate_deg=gate,
+                               stage2="trajectory", **extra)
+
+
+def _label(eta: float, fallback: int = 0, gate: float | None = None, grid: float | None = None) -> str:
+    parts = [f"eta {eta:g}"]
+    if fallback:
+        parts.append(f"fallback {fallback}")
+    if gate is not None:
+        parts.append(f"gate {gate:g}")
+    if grid is not None:
+        parts.append(f"grid {grid:g}")
+    return " + ".join(parts)
+
+
+#: The swept settings, most informative first (``(group, eta, fallback, gate, grid)``).
+SWEEP: tuple[tuple[str, float, int, float | None, float | None], ...] = (
+    ("gate", 0.7, 3, 15.0, None),
+    ("eta+fallback", 0.5, 3, None, None),
+    ("gate", 1.0, 3, 15.0, None),
+    ("gate", 0.5, 3, 15.0, None),
+    ("eta", 0.5, 0, None, None),
+    ("eta", 1.0, 0, None, None),
+    ("gate", 1.0, 10, 10.0, None),
+    ("eta", 0.1, 0, None, None),
+    ("eta+fallback", 1.0, 3, None, None),
+    ("grid", 0.5, 3, None, 30.0),
+)
+
+
+def sweep_settings() -> list[tuple[str, dict, Hash3DConfig, int]]:
+    """``(label, {group, ...}, Hash3DConfig, seed offset)`` of every run of the sweep: ``off``,
+    the ``SWEEP`` settings, then ``off`` at the ``NOISE_SEEDS`` offsets (the seed-to-seed spread)."""
+    rows: list[tuple[str, dict, Hash3DConfig, int]] = [("off", {"group": "off"}, Hash3DConfig.preset("off"), 0)]
+    for group, eta, fallback, gate, grid in SWEEP:
+        meta = {"group": group, "eta": eta, "fallback": fallback, "gate": gate, "grid": grid}
+        rows.append((_label(eta, fallback, gate, grid), meta, _policy(eta, fallback, gate, grid), 0))
+    for s in NOISE_SEEDS:
+        rows.append((f"off seed +{s}", {"group": "off-seed"}, Hash3DConfig.preset("off"), s))
     return rows
 
 
@@ -97,34 +111,52 @@ def _row(label: str, meta: dict, result: dict) -> dict:
 
 
 def pareto_report(size: str = "tiny", iters: int = 500, iters_refine: int = 50, seed: int = 0,
-                  jobs: int = 1, fallback: int = 3, plot: str | None = None) -> dict:
-    """Run the sweep; see the module docstring. ``plot``: write the Pareto chart there (PNG)."""
+                  jobs: int = 1, plot: str | None = None, partial: str | None = None) -> dict:
+    """Run the sweep; see the module docstring. ``plot``: write the Pareto chart there (PNG);
+    ``partial``: append each finished run there as one JSON line (long sweeps on a busy machine)."""
+    import json
+    import logging
+
+    log = logging.getLogger(__name__)
     settings = resolve_settings(size)
-    rows_in = sweep_settings(fallback)
-    jobs_in = [(h, settings, iters, iters_refine, seed) for _, _, h in rows_in]
-    noise = [(h, settings, iters, iters_refine, seed + s) for s in NOISE_SEEDS for h in [Hash3DConfig.preset("off")]]
+    runs = sweep_settings()
+    work = [(h, settings, iters, iters_refine, seed + offset) for _, _, h, offset in runs]
     start = time.perf_counter()
-    work = jobs_in + noise
+    results: list[dict | None] = [None] * len(work)
+
+    def done(i: int, result: dict) -> None:
+        results[i] = result
+        label, meta = runs[i][0], runs[i][1]
+        log.info("pareto %d/%d %s: psnr %.3f, stage-1 shallow %d", sum(r is not None for r in results),
+                 len(work), label, result["psnr"], result["stage1"]["unet"]["shallow_calls"])
+        if partial:
+            with open(partial, "a") as fh:
+                fh.write(json.dumps(_row(label, meta, result)) + "\n")
+
     if jobs > 1:
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(_run_job, work))
+            futures = {pool.submit(_run_job, w): i for i, w in enumerate(work)}
+            for future in as_completed(futures):
+                done(futures[future], future.result())
     else:
-        results = [_run_job(w) for w in work]
-    rows = [_row(label, meta, r) for (label, meta, _), r in zip(rows_in, results)]
-    off_psnrs = [rows[0]["psnr"]] + [r["psnr"] for r in results[len(rows_in):]]
-    front = pareto_front(rows)
+        for i, w in enumerate(work):
+            done(i, _run_job(w))
+    all_rows = [_row(label, meta, r) for (label, meta, _, _), r in zip(runs, results)]
+    rows = [r for r in all_rows if r["group"] != "off-seed"]
+    off_psnrs = [r["psnr"] for r in all_rows if r["group"] in ("off", "off-seed")]
     report = {
         "rows": rows,
-        "pareto_front": front,
-        "off_psnr_by_seed": {str(seed + s): p for s, p in zip((0,) + NOISE_SEEDS, off_psnrs)},
+        "pareto_front": pareto_front(rows),
+        "off_psnr_by_seed": {str(seed + offset): r["psnr"] for (_, meta, _, offset), r in zip(runs, all_rows)
+                             if meta["group"] in ("off", "off-seed")},
         "off_psnr_spread": round(max(off_psnrs) - min(off_psnrs), 3),
         "settings": {"size": size, "iters": iters, "iters_refine": iters_refine, "seed": seed,
                      **settings, "total_seconds": round(time.perf_counter() - start, 1),
                      "stage2": "trajectory reuse in every cached setting",
-                     "configs": {label: dataclasses.asdict(h) for label, _, h in rows_in},
+                     "configs": {label: dataclasses.asdict(h) for label, _, h, _ in runs},
                      "notes": ("reduced setting: the oracle at --size " + size + " with the default "
                                "iteration counts (so call counts and hit rates are those of a "
                                "default run; PSNR is that of a small render). Oracle deep feature = "
@@ -147,7 +179,7 @@ def plot_pareto(report: dict, path: str) -> None:
 
     rows = report["rows"]
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    markers = {"off": "*", "eta": "o", "eta+fallback": "s", "fallback cells": "D", "gate": "^", "grid": "v"}
+    markers = {"off": "*", "eta": "o", "eta+fallback": "s", "gate": "^", "grid": "v"}
     for group, marker in markers.items():
         sel = [r for r in rows if r["group"] == group]
         if sel:
@@ -181,11 +213,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters-refine", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=1)
-    p.add_argument("--fallback", type=int, default=3, help="timestep fall-back cells of the policy runs")
+    p.add_argument("--partial", default=None, help="append each finished run here as a JSON line")
     p.add_argument("--plot", default=None, help="write the Pareto chart (PNG) here")
 
 
 def run_from_args(args) -> dict:
     torch.set_num_threads(1)
     return pareto_report(args.size, args.iters, args.iters_refine, args.seed, args.jobs,
-                         args.fallback, args.plot)
+                         args.plot, args.partial)
