@@ -52,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         oracle.add_arguments(p)
     p.add_argument("--json", action="store_true")
 
-    from hash3d_dg.bench import pareto
+    from hash3d_dg.bench import breakdown, pareto
+
+    p = sub.add_parser("breakdown", help="whole-run cost per phase and mode: TMACs and CPU seconds side by side")
+    breakdown.add_arguments(p)
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("pareto", help="oracle quality against UNet calls served shallow, per cache policy")
     pareto.add_arguments(p)
@@ -74,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         result = macs.run_from_args(args)
     elif args.command == "speed":
         result = speed.run_from_args(args)
+    elif args.command == "breakdown":
+        result = breakdown.run_from_args(args)
     elif args.command == "pareto":
         result = pareto.run_from_args(args)
     else:
