@@ -16,8 +16,10 @@ Modes:
 - ``fast``: this project's preset beyond the paper (chosen on the oracle's Pareto front, see
   ``benchmarks/results/``): the paper's adaptive grids with retrieval probability ``FAST_ETA``,
   the timestep fall-back policy (a query whose own cell is empty takes the nearest non-empty
-  timestep cell of the same camera cell), and DeepCache-style trajectory reuse in stage 2. Meant
-  with the tiny autoencoder (``guidance.vae=auto`` picks it for this mode).
+  timestep cell, at most ``FAST_TIMESTEP_FALLBACK`` cells away, of the same camera cell), the
+  camera gate (only entries within ``FAST_CAMERA_GATE_DEG`` of the query's view are blended), and
+  DeepCache-style trajectory reuse in stage 2. Meant with the tiny autoencoder
+  (``guidance.vae=auto`` picks it for this mode).
 
 Cache points (``cache_point``): ``paper`` = the hidden state entering the last up block's second
 (resnet, attention) pair, i.e. ``[-1, 1]`` (DeepCache's (0, 0); shallow path 32.6 of 176.3 GMACs
@@ -54,8 +56,9 @@ NAMED_CACHE_POINTS: dict[str, tuple[int, int]] = {"paper": (-1, 1), "last_subblo
 CACHE_POINTS = tuple(NAMED_CACHE_POINTS)
 STAGE2_MODES = ("cache", "trajectory", "none")
 #: Settings of the ``fast`` preset (see the module docstring and benchmarks/results/pareto_*.json).
-FAST_ETA = 0.5
+FAST_ETA = 0.7
 FAST_TIMESTEP_FALLBACK = 3
+FAST_CAMERA_GATE_DEG = 15.0
 STORE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 PAPER_GRIDS: list[list[float]] = [[10.0, 10.0, 0.1, 10.0], [20.0, 20.0, 0.15, 20.0], [30.0, 30.0, 0.2, 30.0]]
@@ -138,7 +141,8 @@ class Hash3DConfig:
             base.update(grids=[list(g) for g in OFFICIAL_GRIDS], adaptive=False, eta=0.5,
                         distance="l2", stage2="none")
         elif mode == "fast":
-            base.update(eta=FAST_ETA, timestep_fallback=FAST_TIMESTEP_FALLBACK, stage2="trajectory")
+            base.update(eta=FAST_ETA, timestep_fallback=FAST_TIMESTEP_FALLBACK,
+                        camera_gate_deg=FAST_CAMERA_GATE_DEG, stage2="trajectory")
         base.update(overrides)
         return cls(**base)
 
