@@ -422,3 +422,17 @@ def test_view_angle():
     assert view_angle_deg(key(az=10.0), key(az=30.0)) == pytest.approx(20.0)
     assert view_angle_deg(key(az=355.0), key(az=5.0)) == pytest.approx(10.0)
     assert view_angle_deg(key(el=80.0, az=0.0), key(el=80.0, az=180.0)) == pytest.approx(20.0)
+
+
+def test_run_config_accepts_cache_point_pairs_and_new_settings():
+    from hash3d_dg.config import build_config
+    from hash3d_dg.errors import ConfigError
+
+    cfg = build_config({"hash3d": {"mode": "paper"}},
+                       ["hash3d.cache_point=[-1, 2]", "hash3d.timestep_fallback=2", "hash3d.stage2=none",
+                        "hash3d.camera_gate_deg=12"])
+    assert cfg.hash3d.split_point() == (-1, 2) and cfg.hash3d.timestep_fallback == 2
+    assert cfg.hash3d.stage2 == "none" and cfg.hash3d.camera_gate_deg == 12.0
+    assert build_config({"hash3d": {"mode": "fast"}}).hash3d.camera_gate_deg == 15.0
+    with pytest.raises(ConfigError, match="cache_point"):
+        build_config({}, ["hash3d.mode=paper", "hash3d.cache_point=middle"])
