@@ -295,8 +295,14 @@ def plot_breakdown(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     parts = report["parts"]
-    cmap = plt.get_cmap("tab20")
-    colours = {p: cmap(i % 20) for i, p in enumerate(parts)}
+    # one hue family per phase, so parts of a phase read together and no two parts share a colour
+    families = {"preprocess": "Greys", "stage1": "Oranges", "mesh": "Greens", "stage2": "Blues", "export": "Purples"}
+    colours = {}
+    for phase, cmap_name in families.items():
+        members = [p for p in parts if p.startswith(phase + ".")]
+        cmap = plt.get_cmap(cmap_name)
+        for i, p in enumerate(members):
+            colours[p] = cmap(0.35 + 0.6 * i / max(1, len(members) - 1)) if len(members) > 1 else cmap(0.6)
     fig, axes = plt.subplots(1, 2, figsize=(13, 6), dpi=110)
     for ax, key, unit in ((axes[0], "tmacs", "TMACs (default run, networks)"),
                           (axes[1], "cpu_seconds", "CPU seconds (small real run, tiny model)")):
