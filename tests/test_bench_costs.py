@@ -31,8 +31,8 @@ def test_flops_report_names_every_point():
 
 def test_mode_settings_and_per_call_costs():
     assert mode_settings("paper") == ("paper", "full")
-    assert mode_settings("fast") == ("paper", "tiny")
-    assert mode_settings("fast", vae="full") == ("paper", "full")
+    assert mode_settings("fast") == ("last_subblock", "tiny")
+    assert mode_settings("fast", vae="full") == ("last_subblock", "full")
     assert mode_settings("official", cache_point="last_subblock") == ("last_subblock", "full")
     full = per_call_gmacs(256, "paper", "full")
     tiny = per_call_gmacs(256, [-1, 1], "tiny")
@@ -44,7 +44,7 @@ def test_mode_settings_and_per_call_costs():
 def test_short_macs_report_and_breakdown_add_up():
     report = macs_report(iters=8, iters_refine=2, modes=("off", "fast"))
     off, fast = report["modes"]["off"], report["modes"]["fast"]
-    assert off["vae"] == "full" and fast["vae"] == "tiny" and fast["cache_point"] == "paper"
+    assert off["vae"] == "full" and fast["vae"] == "tiny" and fast["cache_point"] == "last_subblock"
     # fast's stage 2 reuses along each refine trajectory: one full step per refine call
     assert fast["calls"]["stage2"]["unet_full_calls"] == 2
     assert fast["total_tmacs"] < off["total_tmacs"]
