@@ -137,8 +137,13 @@ def test_pipeline_builds_the_tiny_vae_for_fast_mode(tmp_path, monkeypatch):
     fast = build_config({"guidance": {"model": "builtin:tiny"}, "hash3d": {"mode": "fast"}})
     guidance = build_guidance(fast, torch.device("cpu"), torch.float32)
     assert isinstance(guidance.latent_vae, AutoencoderTiny)
-    assert guidance.denoiser.model.cache_point == (1, 1)  # the paper point of a 2-level UNet
+    from hash3d_dg.cache import UNetSplit
+
+    unet = guidance.components.unet
+    assert guidance.denoiser.model.cache_point == UNetSplit(unet, fast.hash3d.cache_point).cache_point
     paper = build_config({"guidance": {"model": "builtin:tiny"}, "hash3d": {"mode": "paper"}})
-    assert build_guidance(paper, torch.device("cpu"), torch.float32).latent_vae is None
+    paper_guidance = build_guidance(paper, torch.device("cpu"), torch.float32)
+    assert paper_guidance.latent_vae is None
+    assert paper_guidance.denoiser.model.cache_point == (len(unet.up_blocks) - 1, 1)  # the paper point
     full = build_config({"guidance": {"model": "builtin:tiny", "vae": "full"}, "hash3d": {"mode": "fast"}})
     assert build_guidance(full, torch.device("cpu"), torch.float32).latent_vae is None
