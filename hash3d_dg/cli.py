@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="turn the Hash3D feature cache on (mode from --hash3d-mode, default paper)")
     group.add_argument("--no-hash3d", dest="hash3d", action="store_false",
                        help="turn the Hash3D feature cache off")
-    p.add_argument("--hash3d-mode", choices=["paper", "official"],
-                   help="cache behaviour: paper (adaptive grids, eta 0.1) or official (one grid, eta 0.5) (default: paper)")
+    p.add_argument("--hash3d-mode", choices=["paper", "official", "fast"],
+                   help="cache behaviour: paper (adaptive grids, eta 0.1), official (one grid, eta 0.5, no stage-2 reuse) "
+                        "or fast (beyond the paper: timestep fall-back, trajectory reuse, tiny VAE) (default: paper)")
     p.add_argument("--eta", type=float, help="retrieval probability of the cache (default: the mode's)")
     p.add_argument("--stage", choices=["all", "1", "2"], default="all",
                    help="all; 1 = preprocess + Gaussians only; 2 = mesh + refine reusing a stage-1 result (default: %(default)s)")

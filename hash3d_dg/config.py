@@ -72,6 +72,8 @@ class GuidanceConfig:
     image_size: int = 256  # guidance works on renders resized to this size
     lambda_zero123: float = 1.0  # weight of the SDS loss in stage 1 and the refine loss in stage 2
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float16 | bfloat16 | float32 (bf16: no fp16 overflow, on GPUs that have it)
+    vae: str = "auto"  # renders' latents: auto (tiny for hash3d.mode=fast, else full) | full | tiny
+    tiny_vae: str = "madebyollin/taesd"  # AutoencoderTiny hub id or local directory (guidance.vae=tiny)
 
 
 @dataclass
@@ -468,6 +470,7 @@ def validate(cfg: RunConfig) -> None:
         ("matting", cfg.matting, ("auto", "alpha", "rembg", "border")),
         ("guidance.family", g.family, ("auto", "stable", "xl")),
         ("guidance.dtype", g.dtype, ("auto", "float16", "bfloat16", "float32")),
+        ("guidance.vae", g.vae, ("auto", "full", "tiny")),
         # The mesh choices are checked here, before stage 1, not only when meshing starts
         # (hash3d_dg.mesh.bake.BAKE_MODES / BAKE_VIEW_SETS; tests keep the lists equal).
         ("mesh.bake_mode", m.bake_mode, MESH_BAKE_MODES),

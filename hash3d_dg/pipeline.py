@@ -75,6 +75,7 @@ def build_guidance(cfg: RunConfig, device: torch.device, dtype: torch.dtype, com
     """
     from hash3d_dg.cache import CachedDenoiser, Hash3DCache, UNetSplit
     from hash3d_dg.guidance import Zero123Guidance, load_zero123
+    from hash3d_dg.guidance.loading import load_latent_vae
 
     if components is None:
         model = cfg.guidance.model
@@ -85,8 +86,9 @@ def build_guidance(cfg: RunConfig, device: torch.device, dtype: torch.dtype, com
         components = load_zero123(model, device=device, dtype=dtype, family=family)
     cache = Hash3DCache(cfg.hash3d, seed=cfg.seed) if cfg.hash3d.mode != "off" else None
     denoiser = CachedDenoiser(UNetSplit(components.unet, cfg.hash3d.cache_point), cache)
+    latent_vae = load_latent_vae(cfg.guidance, cfg.hash3d.mode, device, dtype)
     return Zero123Guidance(components, denoiser=denoiser, guidance_scale=cfg.guidance.guidance_scale,
-                           image_size=cfg.guidance.image_size, seed=cfg.seed)
+                           image_size=cfg.guidance.image_size, seed=cfg.seed, latent_vae=latent_vae)
 
 
 @dataclass

@@ -35,8 +35,26 @@ def test_presets():
     assert Hash3DConfig() == paper
     official = Hash3DConfig.preset("official")
     assert official.grids == [[20, 20, 0.1, 20]] and not official.adaptive
-    assert official.eta == 0.5 and official.distance == "l2" and official.stage2 == "trajectory"
+    assert official.eta == 0.5 and official.distance == "l2"
+    # The public code's refine passes no cache layer: every stage-2 step is a full call.
+    assert official.stage2 == "none"
+    # The paper's point (DeepCache's (0, 0)) in every cached mode.
+    assert paper.cache_point == official.cache_point == "paper" and paper.split_point() == (-1, 1)
     assert Hash3DConfig.preset("official", eta=0.2).eta == 0.2
+    assert Hash3DConfig.preset("official", stage2="trajectory").stage2 == "trajectory"
+    fast = Hash3DConfig.preset("fast")
+    assert fast.timestep_fallback > 0 and fast.stage2 == "trajectory" and fast.adaptive
+    assert fast.eta > paper.eta
+
+
+def test_cache_point_names_and_pairs():
+    from hash3d_dg.cache.config import resolve_cache_point
+
+    assert resolve_cache_point("paper") == (-1, 1)
+    assert resolve_cache_point("last_subblock") == (-1, -1)
+    assert resolve_cache_point("last_block") == (-1, 0)
+    assert Hash3DConfig.preset("paper", cache_point=[-1, 2]).split_point() == (-1, 2)
+    assert Hash3DConfig.preset("paper", cache_point=(0, 1)).cache_point == [0, 1]
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -52,6 +70,13 @@ def test_presets():
     (dict(gamma=1.0), "gamma"),
     (dict(memory_budget_bytes=0), "memory_budget_bytes"),
     (dict(cache_point="middle"), "cache_point"),
+    (dict(cache_point=[1]), "cache_point"),
+    (dict(cache_point=[1, 0.5]), "cache_point"),
+    (dict(cache_point=[True, 1]), "cache_point"),
+    (dict(timestep_fallback=-1), "timestep_fallback"),
+    (dict(timestep_fallback=1.5), "timestep_fallback"),
+    (dict(camera_gate_deg=0), "camera_gate_deg"),
+    (dict(camera_gate_deg=200), "camera_gate_deg"),
     (dict(stage2="both"), "stage2"),
     (dict(trajectory_interval=0), "trajectory_interval"),
     (dict(store_dtype="int8"), "store_dtype"),
@@ -64,8 +89,8 @@ def test_invalid_values_raise_one_line(overrides, match):
 
 
 def test_unknown_mode():
-    with pytest.raises(ValueError, match="unknown Hash3D mode 'fast'") as info:
-        Hash3DConfig.preset("fast")
+    with pytest.raises(ValueError, match="unknown Hash3D mode 'fastest'") as info:
+        Hash3DConfig.preset("fastest")
     assert "\n" not in str(info.value)
 
 
@@ -348,3 +373,67 @@ def test_stats_consistent_and_clear():
     assert cache.retrieve(key(), const(0.0)) is None
     cache.clear()
     assert cache.stats.as_dict()["inserts"] == 0 and cache.stats.hits_by_grid == [0, 0, 0]
+
+
+# -- retrieval policies beyond the paper ---------------------------------------------------------
+
+def test_timestep_fallback_serves_the_nearest_timestep_cell_of_the_same_camera_cell():
+    plain = Hash3DCache(cfg())
+    cache = Hash3DCache(cfg(timestep_fallback=2))
+    for c in (plain, cache):
+        c.insert(key(az=5.0, t=515.0), const(0), const(1))   # timestep cell 51: one away
+        c.insert(key(az=5.0, t=535.0), const(0), const(3))   # cell 53: three away
+        c.insert(key(az=25.0, t=505.0), const(0), const(7))  # own timestep cell, other camera cell
+    query = key(az=3.0, t=501.0)  # cell (0, 0, 20, 50): empty
+    assert plain.retrieve(query, const(0)) is None
+    got = cache.retrieve(query, const(0))
+    assert got is not None and torch.equal(got[0], const(1))
+    assert cache.stats.hits == cache.stats.fallback_hits == 1
+    # l - d is searched before l + d
+    cache.insert(key(az=5.0, t=495.0), const(0), const(2))  # cell 49
+    assert torch.equal(cache.retrieve(query, const(0))[0], const(2))
+    # never farther than timestep_fallback cells, never another camera cell
+    far = Hash3DCache(cfg(timestep_fallback=2))
+    far.insert(key(az=5.0, t=535.0), const(0), const(3))
+    far.insert(key(az=15.0, t=501.0), const(0), const(4))
+    assert far.retrieve(query, const(0)) is None
+    # the own cell always wins over a fall-back
+    cache.insert(key(az=8.0, t=507.0), const(0), const(5))
+    assert torch.equal(cache.retrieve(query, const(0))[0], const(5))
+    assert cache.stats.fallback_hits == 2
+
+
+def test_camera_gate_drops_far_entries_of_a_cell():
+    cache = Hash3DCache(cfg(grids=[[30, 30, 0.1, 10]], camera_gate_deg=10.0))
+    cache.insert(key(az=1.0, el=1.0), torch.zeros(2, 3), const(1))
+    cache.insert(key(az=28.0, el=1.0), torch.zeros(2, 3), const(9))
+    got = cache.retrieve(key(az=4.0, el=2.0), torch.zeros(2, 3))
+    assert got is not None and torch.equal(got[0], const(1))  # the 27-degree neighbour is out
+    assert cache.retrieve(key(az=15.0, el=15.0), torch.zeros(2, 3)) is None  # both too far
+    assert cache.stats.gated == 1 and cache.stats.misses == 1
+    ungated = Hash3DCache(cfg(grids=[[30, 30, 0.1, 10]]))
+    ungated.insert(key(az=28.0, el=1.0), torch.zeros(2, 3), const(9))
+    assert ungated.retrieve(key(az=15.0, el=15.0), torch.zeros(2, 3)) is not None
+
+
+def test_view_angle():
+    from hash3d_dg.cache.table import view_angle_deg
+
+    assert view_angle_deg(key(az=10.0), key(az=30.0)) == pytest.approx(20.0)
+    assert view_angle_deg(key(az=355.0), key(az=5.0)) == pytest.approx(10.0)
+    assert view_angle_deg(key(el=80.0, az=0.0), key(el=80.0, az=180.0)) == pytest.approx(20.0)
+
+
+def test_run_config_accepts_cache_point_pairs_and_new_settings():
+    from hash3d_dg.config import build_config
+    from hash3d_dg.errors import ConfigError
+
+    cfg = build_config({"hash3d": {"mode": "paper"}},
+                       ["hash3d.cache_point=[-1, 2]", "hash3d.timestep_fallback=2", "hash3d.stage2=none",
+                        "hash3d.camera_gate_deg=12"])
+    assert cfg.hash3d.split_point() == (-1, 2) and cfg.hash3d.timestep_fallback == 2
+    assert cfg.hash3d.stage2 == "none" and cfg.hash3d.camera_gate_deg == 12.0
+    fast = build_config({"hash3d": {"mode": "fast"}}).hash3d
+    assert fast.camera_gate_deg is not None and fast.cache_point == "last_subblock"
+    with pytest.raises(ConfigError, match="cache_point"):
+        build_config({}, ["hash3d.mode=paper", "hash3d.cache_point=middle"])

@@ -220,3 +220,33 @@ def test_trajectory_restarts_on_new_shape_and_defaults():
                 pass
     den(torch.randn(2, 3), 1, torch.randn(2, 2, 4))  # outside: plain full call
     assert den.last_shallow == [False]
+
+
+def test_no_reuse_and_refine_reuse_per_stage2_setting():
+    oracle = Oracle()
+    cache = paper_cache()
+    den = CachedDenoiser(oracle, cache)
+    keys = [CacheKey(0.0, 0.0, 2.0, 1.0)]
+    sample, context = torch.randn(2, 3), torch.randn(2, 2, 4)
+    den(sample, 1, context, keys)  # a miss, then stored
+    assert cache.stats.attempts == 1 and cache.stats.inserts == 1
+    with den.refine_reuse("none"):
+        for _ in range(3):
+            out = den(sample, 1, context, keys)
+            assert torch.allclose(out, oracle.full(sample, 1, context)[0])
+    assert den.stats.full_calls == 4 and den.stats.shallow_calls == 0
+    assert cache.stats.attempts == 1 and cache.stats.inserts == 1  # neither read nor written
+    with den.refine_reuse("trajectory", 5):
+        den(sample, 1, context, keys)
+        den(sample, 1, context, keys)
+        assert den.last_shallow == [True]
+    with den.refine_reuse("cache"):
+        den(sample, 1, context, keys)
+    assert cache.stats.attempts == 2 and cache.stats.hits == 1
+    with pytest.raises(ValueError, match="stage-2 reuse"):
+        den.refine_reuse("sometimes")
+    plain = CachedDenoiser(oracle)  # mode off: every setting is a plain context
+    with plain.refine_reuse("trajectory"):
+        plain(sample, 1, context, keys)
+        plain(sample, 1, context, keys)
+    assert plain.stats.shallow_calls == 0

@@ -183,3 +183,15 @@ def test_parallel_jobs_give_the_same_report():
     for mode in ("off", "official"):
         for key in ("psnr", "ssim", "mask_iou", "unet_full_calls", "unet_shallow_calls"):
             assert serial["modes"][mode][key] == parallel["modes"][mode][key], (mode, key)
+
+
+def test_fast_mode_falls_back_across_timesteps_and_reuses_trajectories(scene):
+    settings = resolve_settings("tiny", device="cpu")
+    result = run_oracle_once(scene, Hash3DConfig.preset("fast"), settings, iters=40, iters_refine=2, seed=0)
+    s1, s2 = result["stage1"], result["stage2"]
+    assert math.isfinite(result["psnr"])
+    assert s1["unet"]["shallow_calls"] == s1["cache_hits"] > 0
+    # stage 2: the grid table is not used; each refine call runs one full step, the rest shallow
+    assert s2["cache_attempts"] == 0 and s2["unet"]["full_calls"] == 2
+    steps = sum(50 - int(50 * s) for s in resolve_config_strengths(2))
+    assert s2["unet"]["shallow_calls"] == steps - 2

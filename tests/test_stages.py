@@ -105,8 +105,9 @@ def test_stage2_paper_mode_reuses_features_across_denoising_steps(tiny_cache):
     assert result.mesh.albedo.shape == (16, 16, 3)
 
 
-def test_stage2_official_mode_reuses_along_each_trajectory(tiny_cache):
-    cfg = small_config(stage2={"iters": 3}, hash3d={"mode": "official", "trajectory_interval": 4})
+def test_stage2_trajectory_setting_reuses_along_each_trajectory(tiny_cache):
+    cfg = small_config(stage2={"iters": 3}, hash3d={"mode": "official", "stage2": "trajectory",
+                                                    "trajectory_interval": 4})
     guidance = guided(cfg)
     ref = reference(cfg)
     guidance.set_reference(ref.image_nchw(), cfg.elevation)

@@ -48,7 +48,7 @@ TIMESTEPS = {
     "scalar_tensor": torch.tensor(42),
     "vector": torch.tensor([10, 900]),
 }
-POINTS = ["last_subblock", "last_block", (0, 0), (0, -1), (-1, 0)]
+POINTS = ["paper", "last_subblock", "last_block", (0, 0), (0, -1), (-1, 0), [-1, 1]]
 
 
 @pytest.mark.parametrize("tname", list(TIMESTEPS))
@@ -84,7 +84,20 @@ def test_feature_shapes_and_skips():
     assert f_blk.shape == (2, 64, 8, 8)
 
 
-@pytest.mark.parametrize("point", ["last_subblock", "last_block"])
+def test_named_points_are_their_pairs():
+    unet = tiny_unet(layers_per_block=2)  # up blocks of 3 pairs
+    last = len(unet.up_blocks) - 1
+    assert UNetSplit(unet, "paper").cache_point == (last, 1)
+    assert UNetSplit(unet, "last_subblock").cache_point == (last, 2)
+    assert UNetSplit(unet, "last_block").cache_point == (last, 0)
+    assert UNetSplit(unet, [-1, 1]).cache_point == (last, 1)
+    # the paper point's shallow path needs conv_in + the first down pair (2 skips)
+    assert UNetSplit(unet, "paper").n_skips == 2
+    with pytest.raises(ValueError, match="unknown cache point"):
+        UNetSplit(unet, "middle")
+
+
+@pytest.mark.parametrize("point", ["paper", "last_subblock", "last_block"])
 def test_shallow_depends_on_feature(point):
     """The shallow path really consumes the feature (a different feature changes the output)."""
     unet = tiny_unet()
@@ -154,7 +167,7 @@ def _flops(fn) -> int:
 
 
 def test_shallow_flops_on_meta_device():
-    """Both paths run on the meta device; shallow < full, and last_subblock < last_block."""
+    """Both paths run on the meta device; shallow < full, and last_subblock < paper < last_block."""
     with torch.device("meta"):
         unet = tiny_unet(layers_per_block=2)
     x = torch.empty(2, 8, 8, 8, device="meta")
@@ -162,7 +175,7 @@ def test_shallow_flops_on_meta_device():
     t = torch.empty(2, device="meta")
     full_unet = _flops(lambda: unet(x, t, c))
     counts = {}
-    for point in ["last_subblock", "last_block"]:
+    for point in ["last_subblock", "paper", "last_block"]:
         split = UNetSplit(unet, point)
         out, feature = split.full(x, t, c)
         assert out.device.type == "meta" and out.shape == (2, 4, 8, 8)
@@ -171,4 +184,4 @@ def test_shallow_flops_on_meta_device():
         assert full == full_unet
         assert 0 < shallow < full
         counts[point] = shallow
-    assert counts["last_subblock"] < counts["last_block"]
+    assert counts["last_subblock"] < counts["paper"] < counts["last_block"]

@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m hash3d_dg.bench {flops,cache-exactness,macs,speed,mesh-phase,oracle,gpu} [--json]``."""
+"""Benchmarks: ``python -m hash3d_dg.bench {flops,cache-exactness,staleness,macs,breakdown,speed,mesh-phase,oracle,pareto,gpu} [--json]``."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("flops", help="GMACs of the real stable-zero123 UNet / VAE (meta device)")
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--cache-point", default="last_subblock", choices=["last_subblock", "last_block"])
+    p.add_argument("--cache-point", default="paper", choices=["paper", "last_subblock", "last_block"])
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("cache-exactness", help="shallow cached path vs full forward on tiny UNets")
@@ -66,6 +66,20 @@ def main(argv: list[str] | None = None) -> int:
     gpu.add_arguments(p)
     p.add_argument("--json", action="store_true", help="print the JSON instead of the summary")
 
+    from hash3d_dg.bench import breakdown, pareto, staleness
+
+    p = sub.add_parser("staleness", help="error of a reused deep feature per cache point (stable-zero123 architecture, random weights)")
+    staleness.add_arguments(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("breakdown", help="whole-run cost per phase and mode: TMACs and CPU seconds side by side")
+    breakdown.add_arguments(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("pareto", help="oracle quality against UNet calls served shallow, per cache policy")
+    pareto.add_arguments(p)
+    p.add_argument("--json", action="store_true")
+
     args = parser.parse_args(argv)
     if args.command == "gpu":
         return gpu.run_bench(args)
@@ -92,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         except (UserError, ValueError, OSError) as exc:  # a bad --ply / --source: one line
             print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
             return 2
+    elif args.command == "staleness":
+        result = staleness.run_from_args(args)
+    elif args.command == "breakdown":
+        result = breakdown.run_from_args(args)
+    elif args.command == "pareto":
+        result = pareto.run_from_args(args)
     else:
         result = oracle.run_from_args(args)
     _print(result, args.json)

@@ -11,7 +11,7 @@ from functools import lru_cache
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-CACHE_POINTS = ("last_subblock", "last_block")
+from hash3d_dg.cache.config import CACHE_POINTS, NAMED_CACHE_POINTS
 
 
 def count_gmacs(fn, *args, **kwargs) -> float:
@@ -46,21 +46,69 @@ def unet_inputs(unet, batch: int, latent_size: int):
     return sample, timestep, context
 
 
+def meta_taesd(config: dict | None = None):
+    from diffusers import AutoencoderTiny
+
+    from hash3d_dg.guidance.tiny import taesd_config
+
+    with torch.device("meta"):
+        return AutoencoderTiny(**(config or taesd_config())).eval()
+
+
 @lru_cache(maxsize=4)
 def unet_gmacs(image_size: int = 256, batch: int = 2) -> dict:
-    """Full and shallow (per cache point) UNet GMACs for a batch (2 = one CFG pair)."""
+    """Full and shallow (per named cache point) UNet GMACs for a batch (2 = one CFG pair)."""
+    unet = meta_unet()
+    with torch.no_grad():
+        sample, timestep, context = unet_inputs(unet, batch, image_size // 8)
+        full = count_gmacs(unet, sample, timestep, encoder_hidden_states=context)
+    return {"full": full, "shallow_by_point": {p: shallow_gmacs(p, image_size, batch) for p in CACHE_POINTS}}
+
+
+@lru_cache(maxsize=16)
+def shallow_gmacs(point, image_size: int = 256, batch: int = 2) -> float:
+    """Shallow-path GMACs of the stable-zero123 UNet at ``point`` (a name or a ``(u, s)`` tuple)."""
     from hash3d_dg.cache import UNetSplit
 
     unet = meta_unet()
     sample, timestep, context = unet_inputs(unet, batch, image_size // 8)
     with torch.no_grad():
-        full = count_gmacs(unet, sample, timestep, encoder_hidden_states=context)
-        by_point = {}
-        for point in CACHE_POINTS:
-            split = UNetSplit(unet, point)
-            _, feature = split.full(sample, timestep, context)
-            by_point[point] = count_gmacs(split.shallow, sample, timestep, context, feature)
-    return {"full": full, "shallow_by_point": by_point}
+        split = UNetSplit(unet, point if isinstance(point, str) else tuple(point))
+        _, feature = split.full(sample, timestep, context)
+        return count_gmacs(split.shallow, sample, timestep, context, feature)
+
+
+def encode_backward_gmacs(vae, image_size: int = 256) -> float:
+    """MACs of back-propagating through a frozen encoder (input gradients only): the counted
+    forward+backward minus the forward."""
+    image = torch.empty(1, 3, image_size, image_size, device="meta", requires_grad=True)
+
+    def encode(x):
+        out = vae.encode(x)
+        return out.latent_dist.mean if hasattr(out, "latent_dist") else out.latents
+
+    def forward_backward():
+        latent = encode(image)
+        latent.backward(torch.empty_like(latent))
+
+    vae.requires_grad_(False)
+    total = count_gmacs(forward_backward)
+    with torch.no_grad():
+        forward = count_gmacs(encode, image)
+    return total - forward
+
+
+@lru_cache(maxsize=4)
+def taesd_gmacs(image_size: int = 256) -> dict:
+    """TAESD (diffusers ``AutoencoderTiny``, ``madebyollin/taesd`` architecture) GMACs: encoder
+    forward and input-gradient backward at ``image_size``, decoder at the matching latent."""
+    vae = meta_taesd()
+    image = torch.empty(1, 3, image_size, image_size, device="meta")
+    latent = torch.empty(1, vae.config.latent_channels, image_size // 8, image_size // 8, device="meta")
+    with torch.no_grad():
+        encode = count_gmacs(vae.encode, image)
+        decode = count_gmacs(vae.decode, latent)
+    return {"encode": encode, "encode_backward": encode_backward_gmacs(vae, image_size), "decode": decode}
 
 
 @lru_cache(maxsize=4)
@@ -74,7 +122,7 @@ def vae_gmacs(image_size: int = 256) -> dict:
     return {"encode": encode, "decode": decode}
 
 
-def flops_report(image_size: int = 256, cache_point: str = "last_subblock") -> dict:
+def flops_report(image_size: int = 256, cache_point: str = "paper") -> dict:
     """The numbers `python -m hash3d_dg.bench flops` prints."""
     unet = unet_gmacs(image_size, 2)
     vae = vae_gmacs(image_size)
@@ -89,7 +137,10 @@ def flops_report(image_size: int = 256, cache_point: str = "last_subblock") -> d
         "unet_shallow_cache_point": cache_point,
         "unet_shallow_gmacs_by_point": {k: round(v, 3) for k, v in shallow.items()},
         "unet_shallow_fraction_by_point": {k: round(v / unet["full"], 4) for k, v in shallow.items()},
+        "cache_point_pairs": {k: list(v) for k, v in NAMED_CACHE_POINTS.items()},
         "vae_encode_gmacs": round(vae["encode"], 3),
         "vae_decode_gmacs": round(vae["decode"], 3),
+        "tiny_vae_gmacs": {k: round(v, 3) for k, v in taesd_gmacs(image_size).items()},
+        "tiny_vae": "TAESD architecture (diffusers AutoencoderTiny, madebyollin/taesd config)",
         "counter": "torch.utils.flop_counter.FlopCounterMode on the meta device; GMACs = FLOPs / 2e9",
     }

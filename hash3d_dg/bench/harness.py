@@ -46,13 +46,14 @@ def standin_mesh(texture_size: int = 64, subdivisions: int = 3, device="cpu"):
 def sized_guidance(cfg: RunConfig, device, dtype, unet_size: str = "tiny", vae_size: str = "tiny"):
     """Zero-1-to-3 guidance on random weights whose UNet/VAE have the asked-for size (timing and
     FLOP studies only); the rest of the tiny checkpoint (CLIP, scheduler) is reused."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from hash3d_dg.cache import CachedDenoiser, Hash3DCache, UNetSplit
     from hash3d_dg.guidance import CLIPCameraProjection, Zero123Guidance, load_zero123
+    from hash3d_dg.guidance.loading import resolve_vae_kind
     from hash3d_dg.guidance.tiny import (stable_zero123_unet_config, stable_zero123_vae_config,
-                                         tiny_unet_config)
+                                         taesd_config, tiny_taesd_config, tiny_unet_config)
     from hash3d_dg.pipeline import tiny_model_dir
 
     components = load_zero123(str(tiny_model_dir("stable")), device=device, dtype=dtype, family="stable")
@@ -79,8 +80,13 @@ def sized_guidance(cfg: RunConfig, device, dtype, unet_size: str = "tiny", vae_s
         setattr(components, name, module.eval().requires_grad_(False))
     cache = Hash3DCache(cfg.hash3d, seed=cfg.seed) if cfg.hash3d.mode != "off" else None
     denoiser = CachedDenoiser(UNetSplit(components.unet, cfg.hash3d.cache_point), cache)
+    latent_vae = None
+    if resolve_vae_kind(cfg.guidance.vae, cfg.hash3d.mode) == "tiny":
+        # a random AutoencoderTiny: TAESD's own architecture for a full-size VAE study, else tiny
+        latent_vae = AutoencoderTiny(**(taesd_config() if vae_size == "full" else tiny_taesd_config()))
+        latent_vae = latent_vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return Zero123Guidance(components, denoiser=denoiser, guidance_scale=cfg.guidance.guidance_scale,
-                           image_size=cfg.guidance.image_size, seed=cfg.seed)
+                           image_size=cfg.guidance.image_size, seed=cfg.seed, latent_vae=latent_vae)
 
 
 def bench_config(mode: str, iters: int, iters_refine: int, size: int, image_size: int,

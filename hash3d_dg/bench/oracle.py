@@ -95,7 +95,7 @@ EVAL_VIEWS = 16
 EVAL_ELEVATION = -30.0  # 30 degrees looking from above (negative elevation looks down)
 ETA_SWEEP = (0.1, 0.3, 0.5, 0.7)
 GRID_SIZES = (10.0, 20.0, 30.0)  # degrees (and timesteps) of the single fixed grids
-MODES = ("off", "paper", "official")
+MODES = ("off", "paper", "official", "fast")
 
 
 def _floats(values: FloatSeq, name: str, n: int | None = None) -> list[float]:

@@ -33,8 +33,8 @@ import torch
 
 from hash3d_dg.cache.unet_split import UNetSplit
 
-#: Named points as (up block, pair): the last pair only, DeepCache's (0, 0) = the paper's, the block.
-POINTS = {"last_subblock": (-1, 2), "paper": (-1, 1), "last_block": (-1, 0)}
+#: The named cache points: the last pair only, DeepCache's (0, 0) = the paper's, the whole last block.
+POINTS = ("last_subblock", "paper", "last_block")
 
 
 def _unet(size: str, seed: int):
@@ -55,7 +55,7 @@ def _alpha_bar(t: int) -> float:
 def staleness_report(size: str = "full", seed: int = 0, timesteps=(700, 300), dts=(2, 10, 20),
                      rels=(0.05, 0.2), latent: int = 32) -> dict:
     unet = _unet(size, seed)
-    splits = {name: UNetSplit(unet, point) for name, point in POINTS.items()}
+    splits = {name: UNetSplit(unet, name) for name in POINTS}
     g = torch.Generator().manual_seed(seed + 1)
     ch = unet.config.in_channels // 2
     z = torch.randn(1, ch, latent, latent, generator=g)
@@ -90,7 +90,7 @@ def staleness_report(size: str = "full", seed: int = 0, timesteps=(700, 300), dt
                     row[f"shallow_err_{name}"] = round(rel(split.shallow(x_tgt, t_tgt, context, feat), out_tgt), 4)
                 rows.append(row)
     means = {name: round(sum(r[f"shallow_err_{name}"] for r in rows) / len(rows), 4) for name in POINTS}
-    return {"unet": size, "latent": latent, "seed": seed, "points": {k: list(v) for k, v in POINTS.items()},
+    return {"unet": size, "latent": latent, "seed": seed, "points": list(POINTS),
             "rows": rows, "mean_shallow_err": means,
             "mean_stale_err": round(sum(r["stale_err"] for r in rows) / len(rows), 4),
             "seconds": round(time.perf_counter() - start, 1),

@@ -7,10 +7,42 @@ Modes:
   (10/20/30 deg, 0.1/0.15/0.2 radius, 10/20/30 steps) chosen adaptively per bucket (Eq. 7-8),
   retrieval probability 0.1, weights ``softmax(-||x - x_i||^2)`` (Eq. 6), and in stage 2 the same
   grid cache keyed by camera and denoising timestep.
-- ``official``: what the public reference code does (with its hashing bugs fixed): one grid
+- ``official``: what the public reference code computes, with its key bugs fixed: one grid
   (20 deg, 20 deg, 0.1, 20 steps), retrieval probability 0.5, weights ``softmax(-||x - x_i||)``,
-  no adaptivity, and in stage 2 DeepCache-style reuse along each denoising trajectory every
-  ``trajectory_interval`` steps.
+  no adaptivity, DeepCache's (layer 0, block 0) cache point (= ``paper``), and in stage 2 no
+  reuse at all (the public ``refine(..., cache_interval=20)`` passes no cache layer, so every one
+  of its refine steps is a full UNet call). Its hashing bugs (blending of colliding cells, swapped
+  deltas) are not reproduced.
+- ``fast``: this project's preset beyond the paper (chosen on the oracle's Pareto front, see
+  ``benchmarks/results/``): the cheaper ``last_subblock`` cache point, the paper's adaptive grids
+  with retrieval probability ``FAST_ETA``,
+  the timestep fall-back policy (a query whose own cell is empty takes the nearest non-empty
+  timestep cell, at most ``FAST_TIMESTEP_FALLBACK`` cells away, of the same camera cell), the
+  camera gate (only entries within ``FAST_CAMERA_GATE_DEG`` of the query's view are blended), and
+  DeepCache-style trajectory reuse in stage 2. Meant with the tiny autoencoder
+  (``guidance.vae=auto`` picks it for this mode).
+
+Cache points (``cache_point``): ``paper`` = the hidden state entering the last up block's second
+(resnet, attention) pair, i.e. ``[-1, 1]`` (DeepCache's (0, 0); shallow path 32.6 of 176.3 GMACs
+on stable-zero123), ``last_subblock`` = before the last pair (11.7 GMACs), ``last_block`` = the
+input of the last up block (55.7 GMACs), or any ``[up_block, pair]`` list (negative indices count
+from the end).
+
+Stage-2 reuse (``stage2``): ``cache`` (the grid cache keyed by camera + denoising timestep),
+``trajectory`` (DeepCache-style reuse along each refine trajectory: a full step every
+``trajectory_interval`` steps, shallow ones between) or ``none`` (every refine step full).
+
+Retrieval policies beyond the paper:
+
+- ``timestep_fallback`` (int, cells): when the query's own cell is empty in every grid, look in
+  the cells of the same camera cell whose timestep index is at most this many cells away,
+  nearest first (ties: the later, less noisy cell first), and serve from the first non-empty one.
+  0 is the paper's behaviour.
+- ``camera_gate_deg`` (float or None): only entries whose camera lies within this angle of the
+  query's camera take part in the blend (the angle between the two view directions on the sphere
+  of (elevation, azimuth)); a cell with none left counts as empty. None is the paper's behaviour
+  (every entry of the cell, however far across it). It lets coarse cells serve without their
+  worst, far-corner neighbours.
 """
 
 from __future__ import annotations
@@ -18,10 +50,20 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-MODES = ("off", "paper", "official")
+MODES = ("off", "paper", "official", "fast")
 DISTANCES = ("squared", "l2")
-CACHE_POINTS = ("last_subblock", "last_block")
-STAGE2_MODES = ("cache", "trajectory")
+#: Named cache points and their ``(up_block, pair)`` (negative indices count from the end).
+NAMED_CACHE_POINTS: dict[str, tuple[int, int]] = {"paper": (-1, 1), "last_subblock": (-1, -1), "last_block": (-1, 0)}
+CACHE_POINTS = tuple(NAMED_CACHE_POINTS)
+STAGE2_MODES = ("cache", "trajectory", "none")
+#: Settings of the ``fast`` preset (see the module docstring and benchmarks/results/pareto_*.json).
+#: First pick (eta 0.7, fall-back 3, gate 15, paper point) measured 27.50 dB against off's 28.19 on
+#: the oracle (benchmarks/results/oracle_fast_v1_cpu.json): too many blends of views up to 15 deg
+#: away. The gate was tightened and the cheaper point taken to keep the 3x at fewer reuses.
+FAST_ETA = 1.0
+FAST_TIMESTEP_FALLBACK = 5
+FAST_CAMERA_GATE_DEG = 6.0
+FAST_CACHE_POINT = "last_subblock"
 STORE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 PAPER_GRIDS: list[list[float]] = [[10.0, 10.0, 0.1, 10.0], [20.0, 20.0, 0.15, 20.0], [30.0, 30.0, 0.2, 30.0]]
@@ -50,10 +92,13 @@ class Hash3DConfig:
         memory_budget_bytes: cap on the bytes of all stored tensors (queries + features, each
             entry counted once however many grids reference it); oldest entries are evicted
             globally past it.
-        cache_point: where the UNet is split: ``"last_subblock"`` (before the last up block's
-            final (resnet, attention) pair) or ``"last_block"`` (input of the last up block).
-        stage2: ``"cache"`` (grid cache keyed by camera + denoising timestep) or
-            ``"trajectory"`` (official: reuse along each denoising trajectory).
+        cache_point: where the UNet is split: ``"paper"`` (``[-1, 1]``, the default),
+            ``"last_subblock"``, ``"last_block"``, or an ``[up_block, pair]`` list.
+        stage2: ``"cache"`` (grid cache keyed by camera + denoising timestep),
+            ``"trajectory"`` (reuse along each denoising trajectory) or ``"none"`` (no reuse).
+        timestep_fallback: timestep cells searched around an empty query cell (0 = off).
+        camera_gate_deg: largest angle (degrees) between the query's and an entry's view
+            direction for the entry to be used (None = no gate).
         trajectory_interval: full pass every this many steps in trajectory mode.
         store_dtype: dtype of stored tensors: ``"auto"`` (the feature's own) or a float dtype.
     """
@@ -68,10 +113,12 @@ class Hash3DConfig:
     primes: list[int] = field(default_factory=lambda: list(DEFAULT_PRIMES))
     gamma: float = 0.9
     memory_budget_bytes: int = 2 * 1024**3
-    cache_point: str = "last_subblock"
+    cache_point: str | list = "paper"
     stage2: str = "cache"
     trajectory_interval: int = 20
     store_dtype: str = "auto"
+    timestep_fallback: int = 0
+    camera_gate_deg: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -83,7 +130,7 @@ class Hash3DConfig:
 
     @classmethod
     def preset(cls, mode: str, **overrides) -> "Hash3DConfig":
-        """The named preset (``off`` | ``paper`` | ``official``) with ``overrides`` applied.
+        """The named preset (``off`` | ``paper`` | ``official`` | ``fast``) with ``overrides`` applied.
 
         Raises:
             ValueError: unknown mode, unknown override name or an invalid value.
@@ -97,7 +144,11 @@ class Hash3DConfig:
         base: dict = {"mode": mode}
         if mode == "official":
             base.update(grids=[list(g) for g in OFFICIAL_GRIDS], adaptive=False, eta=0.5,
-                        distance="l2", stage2="trajectory")
+                        distance="l2", stage2="none")
+        elif mode == "fast":
+            base.update(eta=FAST_ETA, timestep_fallback=FAST_TIMESTEP_FALLBACK,
+                        camera_gate_deg=FAST_CAMERA_GATE_DEG, cache_point=FAST_CACHE_POINT,
+                        stage2="trajectory")
         base.update(overrides)
         return cls(**base)
 
@@ -129,15 +180,50 @@ class Hash3DConfig:
             bad(f"gamma must lie in [0, 1), got {self.gamma!r}")
         if not isinstance(self.memory_budget_bytes, int) or self.memory_budget_bytes <= 0:
             bad(f"memory_budget_bytes must be a positive integer, got {self.memory_budget_bytes!r}")
-        if self.cache_point not in CACHE_POINTS:
-            bad(f"cache_point must be one of {', '.join(CACHE_POINTS)}, got {self.cache_point!r}")
+        point = self.cache_point
+        if isinstance(point, str):
+            if point not in CACHE_POINTS:
+                bad(f"cache_point must be one of {', '.join(CACHE_POINTS)} or [up_block, pair], got {point!r}")
+        elif (not isinstance(point, (list, tuple)) or len(point) != 2
+              or not all(isinstance(v, int) and not isinstance(v, bool) for v in point)):
+            bad(f"cache_point must be one of {', '.join(CACHE_POINTS)} or [up_block, pair] (two integers), got {point!r}")
+        else:
+            self.cache_point = [int(v) for v in point]
         if self.stage2 not in STAGE2_MODES:
             bad(f"stage2 must be one of {', '.join(STAGE2_MODES)}, got {self.stage2!r}")
         if not isinstance(self.trajectory_interval, int) or self.trajectory_interval < 1:
             bad(f"trajectory_interval must be an integer >= 1, got {self.trajectory_interval!r}")
         if self.store_dtype not in STORE_DTYPES:
             bad(f"store_dtype must be one of {', '.join(STORE_DTYPES)}, got {self.store_dtype!r}")
+        if (not isinstance(self.timestep_fallback, int) or isinstance(self.timestep_fallback, bool)
+                or self.timestep_fallback < 0):
+            bad(f"timestep_fallback must be an integer >= 0, got {self.timestep_fallback!r}")
+        if self.camera_gate_deg is not None and (
+                isinstance(self.camera_gate_deg, bool) or not isinstance(self.camera_gate_deg, (int, float))
+                or not 0 < float(self.camera_gate_deg) <= 180):
+            bad(f"camera_gate_deg must be a number in (0, 180] or null, got {self.camera_gate_deg!r}")
+
+    def split_point(self) -> tuple[int, int]:
+        """``cache_point`` as ``(up_block, pair)`` (negative indices count from the end)."""
+        return resolve_cache_point(self.cache_point)
 
     def active_grids(self) -> list[list[float]]:
         """The grids the cache builds: all of them when adaptive, else only the first."""
         return [list(map(float, g)) for g in (self.grids if self.adaptive else self.grids[:1])]
+
+
+def resolve_cache_point(point) -> tuple[int, int]:
+    """A named cache point or an ``[up_block, pair]`` pair -> ``(up_block, pair)``.
+
+    Raises:
+        ValueError: an unknown name or not two integers.
+    """
+    if isinstance(point, str):
+        if point not in NAMED_CACHE_POINTS:
+            raise ValueError(f"unknown cache point {point!r}: expected one of {', '.join(CACHE_POINTS)} "
+                             "or (up_block, pair)")
+        return NAMED_CACHE_POINTS[point]
+    if (not isinstance(point, (list, tuple)) or len(point) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in point)):
+        raise ValueError(f"a cache point is a name or (up_block, pair) integers, got {point!r}")
+    return int(point[0]), int(point[1])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Protocol, runtime_checkable
 
@@ -92,9 +92,31 @@ class CachedDenoiser:
         self.stats = UNetCallStats()
         self.last_shallow: list[bool] = []  # per view of the last call: served shallow?
         self._traj: dict | None = None
+        self._no_reuse = False
 
     def reset_stats(self) -> None:
         self.stats = UNetCallStats()
+
+    @contextmanager
+    def no_reuse(self) -> Iterator["CachedDenoiser"]:
+        """Inside the context every call runs fully and the table is neither read nor written."""
+        previous, self._no_reuse = self._no_reuse, True
+        try:
+            yield self
+        finally:
+            self._no_reuse = previous
+
+    def refine_reuse(self, stage2: str, interval: int | None = None):
+        """The context one stage-2 refine call runs in for ``hash3d.stage2`` = ``stage2``:
+        ``"trajectory"`` -> :meth:`trajectory`, ``"none"`` -> :meth:`no_reuse`, ``"cache"`` -> the
+        grid cache as is. Without a cache (mode ``off``) always a plain context."""
+        if self.cache is None or stage2 == "cache":
+            return nullcontext(self)
+        if stage2 == "trajectory":
+            return self.trajectory(interval)
+        if stage2 == "none":
+            return self.no_reuse()
+        raise ValueError(f"unknown stage-2 reuse {stage2!r}: expected cache, trajectory or none")
 
     # -- trajectory (DeepCache) mode -------------------------------------------------------------
     @contextmanager
@@ -156,7 +178,7 @@ class CachedDenoiser:
             raise ValueError(f"{n_rows} sample rows cannot be split into {n_views} views")
         if self._traj is not None:
             return self._trajectory_step(sample, timestep, context, n_views)
-        if self.cache is None or keys is None:
+        if self.cache is None or keys is None or self._no_reuse:
             out, _ = self.model.full(sample, timestep, context)
             self.stats.full_calls += n_views
             self.last_shallow = [False] * n_views

@@ -16,6 +16,7 @@ budget, when it is the globally oldest entry (removed from every grid at once).
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field
@@ -85,8 +86,11 @@ class GridTable:
 
     def queue(self, key: CacheKey) -> CellQueue | None:
         """The queue of ``key``'s own cell, or None when that cell holds nothing."""
-        idx, cell = self.locate(key)
-        bucket = self.buckets.get(idx)
+        return self.queue_at(self.spec.cell(key))
+
+    def queue_at(self, cell: Cell) -> CellQueue | None:
+        """The queue of grid cell ``cell``, or None when it holds nothing."""
+        bucket = self.buckets.get(bucket_index(cell, self.primes, self.table_size))
         return None if bucket is None else bucket.get(cell)
 
     def queue_for_insert(self, key: CacheKey) -> CellQueue:
@@ -136,6 +140,9 @@ class CacheStats:
         attempts: retrievals tried.
         hits: retrievals served from the table.
         misses: retrievals that found the query's cell empty in every grid.
+        fallback_hits: the part of ``hits`` served from another timestep cell of the query's
+            camera cell (``timestep_fallback`` policy).
+        gated: retrievals that found entries but none within ``camera_gate_deg``.
         inserts: entries stored.
         evictions: entries that left the cache (queue overflow in every grid, the memory budget,
             or ``clear(reset_stats=False)``).
@@ -149,6 +156,8 @@ class CacheStats:
     attempts: int = 0
     hits: int = 0
     misses: int = 0
+    fallback_hits: int = 0
+    gated: int = 0
     inserts: int = 0
     evictions: int = 0
     budget_evictions: int = 0
@@ -203,30 +212,69 @@ class Hash3DCache:
         return self._rng.random() < self.cfg.eta
 
     # -- lookups -------------------------------------------------------------------------------
-    @staticmethod
-    def _matching(queue: CellQueue, query: torch.Tensor) -> list[CacheEntry]:
-        return [e for e in queue.entries if e.query.shape == query.shape]
+    def _matching(self, queue: CellQueue, key: CacheKey, query: torch.Tensor) -> tuple[list[CacheEntry], bool]:
+        """Entries of ``queue`` usable for ``(key, query)``: same query shape and, with
+        ``camera_gate_deg``, a camera within the gate. Also returns whether the gate removed
+        every shape-matching entry."""
+        entries = [e for e in queue.entries if e.query.shape == query.shape]
+        gate = self.cfg.camera_gate_deg
+        if gate is None or not entries:
+            return entries, False
+        kept = [e for e in entries if view_angle_deg(key, e.key) <= float(gate)]
+        return kept, not kept
 
-    def choose_grid(self, key: CacheKey, query: torch.Tensor) -> tuple[int, list[CacheEntry]] | None:
-        """The grid that would serve ``(key, query)`` and its usable entries, or None.
-
-        Among grids whose cell of ``key`` holds entries with ``query``'s shape, the adaptive cache
-        takes the one with the highest running similarity (a cell never measured ranks below any
-        measured one; ties go to the earlier, finer grid). The non-adaptive cache has one grid.
-        """
+    def _best_of(self, cells: list[Cell | None], key: CacheKey, query: torch.Tensor
+                 ) -> tuple[int, list[CacheEntry], bool]:
+        """Among grid ``m``'s cell ``cells[m]`` (None: skip), the best usable one (adaptive rank),
+        as ``(grid, entries, gated)``; grid -1 when none is usable."""
         best: tuple[tuple, int, list[CacheEntry]] | None = None
-        for m, table in enumerate(self.tables):
-            queue = table.queue(key)
+        gated = False
+        for m, (table, cell) in enumerate(zip(self.tables, cells)):
+            if cell is None:
+                continue
+            queue = table.queue_at(cell)
             if queue is None:
                 continue
-            entries = self._matching(queue, query)
+            entries, was_gated = self._matching(queue, key, query)
+            gated = gated or was_gated
             if not entries:
                 continue
             s = queue.similarity
             rank = (s is not None, s if s is not None else 0.0, -m)
             if best is None or rank > best[0]:
                 best = (rank, m, entries)
-        return None if best is None else (best[1], best[2])
+        return (-1, [], gated) if best is None else (best[1], best[2], gated)
+
+    def choose(self, key: CacheKey, query: torch.Tensor) -> tuple[int, list[CacheEntry], bool, bool] | None:
+        """``(grid, entries, from_fallback, gated)`` that would serve ``(key, query)``, or None.
+
+        First the query's own cell in every grid: among grids whose cell holds usable entries,
+        the adaptive cache takes the one with the highest running similarity (a cell never
+        measured ranks below any measured one; ties go to the earlier, finer grid); the
+        non-adaptive cache has one grid. When none is usable and ``timestep_fallback`` is
+        ``F > 0``, the cells ``(i, j, k, l -/+ d)`` of the same camera cell for ``d = 1..F``,
+        ``l - d`` before ``l + d``, each ranked across grids the same way.
+        """
+        own = [table.spec.cell(key) for table in self.tables]
+        m, entries, gated = self._best_of(own, key, query)
+        if m >= 0:
+            return m, entries, False, gated
+        for d in range(1, int(self.cfg.timestep_fallback) + 1):
+            for sign in (-1, 1):
+                cells = [(i, j, k, l + sign * d) for (i, j, k, l) in own]
+                m, entries, g = self._best_of(cells, key, query)
+                gated = gated or g
+                if m >= 0:
+                    return m, entries, True, gated
+        return None if not gated else (-1, [], False, True)
+
+    def choose_grid(self, key: CacheKey, query: torch.Tensor) -> tuple[int, list[CacheEntry]] | None:
+        """The grid that would serve ``(key, query)`` and its usable entries, or None (see
+        :meth:`choose`)."""
+        chosen = self.choose(key, query)
+        if chosen is None or chosen[0] < 0:
+            return None
+        return chosen[0], chosen[1]
 
     def retrieve(self, key: CacheKey, query: torch.Tensor) -> tuple[torch.Tensor, int] | None:
         """Eq. 6 blend of the entries in ``key``'s cell: ``(feature, grid index)`` or None (miss).
@@ -240,11 +288,15 @@ class Hash3DCache:
             of the grid that served it; None when the cell is empty in every grid.
         """
         self.stats.attempts += 1
-        chosen = self.choose_grid(key, query)
-        if chosen is None:
+        chosen = self.choose(key, query)
+        if chosen is None or chosen[0] < 0:
             self.stats.misses += 1
+            if chosen is not None:
+                self.stats.gated += 1
             return None
-        m, entries = chosen
+        m, entries, from_fallback, _ = chosen
+        if from_fallback:
+            self.stats.fallback_hits += 1
         feats = [e.feature for e in entries]
         if any(f.shape != feats[0].shape for f in feats):
             raise ValueError("entries of one cell have features of different shapes: "
@@ -339,6 +391,18 @@ class Hash3DCache:
             self.stats.evictions += dropped
             self.stats.entries = 0
             self.stats.bytes = 0
+
+
+def view_angle_deg(a: CacheKey, b: CacheKey) -> float:
+    """Angle in degrees between the view directions of two keys' (elevation, azimuth) on the
+    orbit sphere (radius and timestep ignored)."""
+    def direction(k: CacheKey) -> tuple[float, float, float]:
+        el, az = math.radians(k.elevation), math.radians(k.azimuth)
+        return math.cos(el) * math.sin(az), -math.sin(el), math.cos(el) * math.cos(az)
+
+    da, db = direction(a), direction(b)
+    dot = max(-1.0, min(1.0, sum(x * y for x, y in zip(da, db))))
+    return math.degrees(math.acos(dot))
 
 
 def make_cache(cfg: Hash3DConfig, seed: int = 0) -> Hash3DCache | None:

@@ -11,6 +11,9 @@ the shallow path then needs only the stack entries ``0 .. end_u - 1 - s`` (the b
 stack: ``conv_in`` and the first down sub-blocks), then runs pairs ``s..`` of block ``u``, the later
 up blocks and the head.
 
+- ``"paper"`` = (last up block, pair 1): DeepCache's (layer 0, block 0) point, which the public
+  Hash3D code uses; shallow = time embedding + ``conv_in`` + the first down block's first pair
+  (the skips of pairs 1..) + pairs 1.. of the last up block + head.
 - ``"last_subblock"`` = (last up block, its last pair): shallow = time embedding + ``conv_in``
   (the pair's skip) + that pair + head.
 - ``"last_block"`` = (last up block, pair 0): shallow = time embedding + ``conv_in`` + the first
@@ -40,10 +43,11 @@ from diffusers.models.unets.unet_2d_blocks import (
     UpBlock2D,
 )
 
+from hash3d_dg.cache.config import NAMED_CACHE_POINTS
+
 _DOWN_TYPES = (CrossAttnDownBlock2D, DownBlock2D)
 _UP_TYPES = (CrossAttnUpBlock2D, UpBlock2D)
 _MID_TYPES = (UNetMidBlock2DCrossAttn, UNetMidBlock2D)
-_NAMED_POINTS = ("last_subblock", "last_block")
 
 
 class UnsupportedUNetError(ValueError):
@@ -65,8 +69,9 @@ class UNetSplit:
 
     Args:
         unet: the model (weights frozen by the caller; autograd w.r.t. the sample is kept).
-        cache_point: ``"last_subblock"``, ``"last_block"`` or ``(up_block_index, pair_index)``
-            (negative indices count from the end).
+        cache_point: ``"paper"`` (= ``(-1, 1)``), ``"last_subblock"`` (= ``(-1, -1)``),
+            ``"last_block"`` (= ``(-1, 0)``) or ``(up_block_index, pair_index)`` (negative indices
+            count from the end).
 
     Raises:
         UnsupportedUNetError: class/addition embeddings, encoder projection, unsupported block
@@ -74,27 +79,25 @@ class UNetSplit:
         ValueError: an invalid cache point.
     """
 
-    def __init__(self, unet: nn.Module, cache_point: str | tuple[int, int] = "last_subblock"):
+    def __init__(self, unet: nn.Module, cache_point: str | tuple[int, int] | list = "paper"):
         self.unet = unet
         self._check_supported(unet)
         ups = list(unet.up_blocks)
         if isinstance(cache_point, str):
-            if cache_point not in _NAMED_POINTS:
+            if cache_point not in NAMED_CACHE_POINTS:
                 raise ValueError(f"unknown cache point {cache_point!r}: expected one of "
-                                 f"{', '.join(_NAMED_POINTS)} or (up_block_index, subblock_index)")
-            u = len(ups) - 1
-            s = len(ups[u].resnets) - 1 if cache_point == "last_subblock" else 0
-        else:
-            u, s = (int(v) for v in cache_point)
-            if u < 0:
-                u += len(ups)
-            if not 0 <= u < len(ups):
-                raise ValueError(f"cache point up block {cache_point[0]} out of range for {len(ups)} up blocks")
-            n = len(ups[u].resnets)
-            if s < 0:
-                s += n
-            if not 0 <= s < n:
-                raise ValueError(f"cache point sub-block {cache_point[1]} out of range for {n} sub-blocks")
+                                 f"{', '.join(NAMED_CACHE_POINTS)} or (up_block_index, subblock_index)")
+            cache_point = NAMED_CACHE_POINTS[cache_point]
+        u, s = (int(v) for v in cache_point)
+        if u < 0:
+            u += len(ups)
+        if not 0 <= u < len(ups):
+            raise ValueError(f"cache point up block {cache_point[0]} out of range for {len(ups)} up blocks")
+        n = len(ups[u].resnets)
+        if s < 0:
+            s += n
+        if not 0 <= s < n:
+            raise ValueError(f"cache point sub-block {cache_point[1]} out of range for {n} sub-blocks")
         self.cache_point: tuple[int, int] = (u, s)
         # Stack ranges consumed by each up block: block j takes [start_j, end_j).
         total = 1 + sum(len(b.resnets) + (1 if b.downsamplers is not None else 0) for b in unet.down_blocks)

@@ -12,6 +12,7 @@ retrying per component. Every failure is raised as ``ModelLoadError`` with a one
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPVisionModelWithProjection
 
 from hash3d_dg.errors import UserError
@@ -37,6 +38,10 @@ DEFAULT_MODEL = "ashawkey/stable-zero123-diffusers"
 FAMILIES = ("stable", "xl")
 #: Files fetched from the hub: configs and plain-named safetensors weights (never .bin / .py).
 _HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.safetensors"]
+#: Files of a tiny autoencoder repo (``madebyollin/taesd``: config and weights at the root).
+_TINY_VAE_PATTERNS = ["config.json", "*.safetensors", "vae/config.json", "vae/*.safetensors"]
+DEFAULT_TINY_VAE = "madebyollin/taesd"
+VAE_KINDS = ("auto", "full", "tiny")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _PROBE_TIMEOUT_S = 10.0
 
@@ -99,28 +104,39 @@ def _hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _resolve_local_dir(model: str) -> Path:
-    """A local directory holding the checkpoint: ``model`` itself, or a hub snapshot of it."""
+def _tiny_vae_error(model: str, reason: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"Cannot load tiny autoencoder '{model}': {_one_line(reason)}. "
+        f"Download it and pass its local directory, e.g. guidance.tiny_vae=/path/to/taesd "
+        f"(or use guidance.vae=full)"
+    )
+
+
+def _resolve_local_dir(model: str, patterns: list[str] | None = None, error=None) -> Path:
+    """A local directory holding the checkpoint: ``model`` itself, or a hub snapshot of it
+    (files matching ``patterns``); failures are raised through ``error(model, reason)``."""
+    patterns = _HUB_PATTERNS if patterns is None else patterns
+    fail = error or _error
     path = Path(model).expanduser()
     if path.is_dir():
         return path
     if path.exists():
-        raise _error(model, f"'{path}' is not a directory")
+        raise fail(model, f"'{path}' is not a directory")
     if not _REPO_ID.match(model) or model.startswith((".", "~", "/")):
-        raise _error(model, f"no such directory '{path}'")
+        raise fail(model, f"no such directory '{path}'")
 
     from huggingface_hub import model_info, snapshot_download
 
     def cached() -> Path | None:
         try:
-            return Path(snapshot_download(model, allow_patterns=_HUB_PATTERNS, local_files_only=True))
+            return Path(snapshot_download(model, allow_patterns=patterns, local_files_only=True))
         except Exception:  # noqa: BLE001 - not cached (or cache unusable)
             return None
 
     if _hub_offline():
         local = cached()
         if local is None:
-            raise _error(model, "not a local directory, and not in the Hugging Face cache (HF_HUB_OFFLINE is set)")
+            raise fail(model, "not a local directory, and not in the Hugging Face cache (HF_HUB_OFFLINE is set)")
         return local
     try:
         model_info(model, timeout=_PROBE_TIMEOUT_S)
@@ -129,11 +145,11 @@ def _resolve_local_dir(model: str) -> Path:
         if local is not None:
             logger.warning("Hugging Face hub not usable (%s); using the cached snapshot %s", _one_line(exc, 120), local)
             return local
-        raise _error(model, f"not a local directory, and the Hugging Face hub lookup failed ({type(exc).__name__}: {exc})") from exc
+        raise fail(model, f"not a local directory, and the Hugging Face hub lookup failed ({type(exc).__name__}: {exc})") from exc
     try:
-        return Path(snapshot_download(model, allow_patterns=_HUB_PATTERNS))
+        return Path(snapshot_download(model, allow_patterns=patterns))
     except Exception as exc:  # noqa: BLE001
-        raise _error(model, f"download from the Hugging Face hub failed ({type(exc).__name__}: {exc})") from exc
+        raise fail(model, f"download from the Hugging Face hub failed ({type(exc).__name__}: {exc})") from exc
 
 
 def _frozen(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -221,3 +237,84 @@ def load_zero123(
         device=device,
         dtype=dtype,
     )
+
+
+def resolve_vae_kind(vae: str, hash3d_mode: str) -> str:
+    """``guidance.vae`` -> ``"full"`` or ``"tiny"``: ``auto`` is ``tiny`` for the ``fast`` Hash3D
+    preset and ``full`` otherwise."""
+    if vae not in VAE_KINDS:
+        raise ValueError(f"guidance.vae must be one of {', '.join(VAE_KINDS)}, got {vae!r}")
+    if vae == "auto":
+        return "tiny" if hash3d_mode == "fast" else "full"
+    return vae
+
+
+def load_tiny_vae(source: str = DEFAULT_TINY_VAE, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32) -> AutoencoderTiny:
+    """Load a tiny autoencoder (diffusers ``AutoencoderTiny``, the ``madebyollin/taesd`` layout:
+    ``config.json`` + safetensors at the root, or in a ``vae`` subfolder) from a local directory
+    or a hub id; frozen, on ``device`` in ``dtype``, gradient checkpointing off (diffusers'
+    ``EncoderTiny`` skips its input rescale when it is on).
+
+    Raises:
+        ModelLoadError: on any failure, one line naming the source and how to pass a directory.
+    """
+    source = str(source)
+    root = _resolve_local_dir(source, _TINY_VAE_PATTERNS, _tiny_vae_error)
+    sub = None if (root / "config.json").is_file() else "vae" if (root / "vae" / "config.json").is_file() else ""
+    if sub == "":
+        raise _tiny_vae_error(source, f"'{root}' has no config.json (nor vae/config.json)")
+    folder = root / sub if sub else root
+    try:
+        class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise _tiny_vae_error(source, f"'{folder / 'config.json'}' is not a readable JSON config ({exc})") from exc
+    if class_name != "AutoencoderTiny":
+        raise _tiny_vae_error(source, f"'{folder}' holds a {class_name}, not an AutoencoderTiny")
+    try:
+        vae, info = AutoencoderTiny.from_pretrained(str(root), subfolder=sub, torch_dtype=dtype,
+                                                    use_safetensors=True, output_loading_info=True)
+    except Exception as exc:  # noqa: BLE001 - missing or corrupt weights, ...
+        raise _tiny_vae_error(source, f"failed to load from '{root}' ({type(exc).__name__}: {exc})") from exc
+    if info.get("missing_keys"):
+        raise _tiny_vae_error(source, f"the weights in '{folder}' lack {len(info['missing_keys'])} tensors "
+                                      f"(e.g. {sorted(info['missing_keys'])[0]})")
+    if vae.is_gradient_checkpointing:
+        vae.disable_gradient_checkpointing()
+    logger.info("loaded tiny autoencoder from %s on %s as %s", root, device, dtype)
+    return _frozen(vae, torch.device(device))
+
+
+BUILTIN_TINY = "builtin:tiny"
+
+
+def builtin_tiny_vae_dir(seed: int = 0) -> Path:
+    """The built-in tiny random ``AutoencoderTiny`` (smoke runs with the built-in tiny model),
+    written on first use into the hash3d-dg cache folder (``HASH3D_DG_CACHE``)."""
+    import shutil
+
+    from hash3d_dg.guidance.tiny import write_tiny_taesd
+
+    cache = Path(os.environ.get("HASH3D_DG_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hash3d-dg"))
+    target = cache / f"tiny-taesd-{seed}"
+    if not (target / "config.json").is_file():
+        staging = cache / f".{target.name}.tmp-{os.getpid()}"
+        write_tiny_taesd(staging, seed=seed)
+        try:
+            os.replace(staging, target)
+        except OSError:  # another process won the race
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_latent_vae(guidance, hash3d_mode: str, device, dtype) -> AutoencoderTiny | None:
+    """The autoencoder the guidance encodes renders with (and stage 2 decodes with), for a
+    ``GuidanceConfig``: None for the checkpoint's own VAE (``vae`` resolving to ``full``), else the
+    tiny one from ``tiny_vae``. ``builtin:tiny`` (also taken when the Zero-1-to-3 model is the
+    built-in tiny one and ``tiny_vae`` is left at its default) is a tiny random one."""
+    if resolve_vae_kind(guidance.vae, hash3d_mode) == "full":
+        return None
+    source = str(guidance.tiny_vae)
+    if source == BUILTIN_TINY or (guidance.model == BUILTIN_TINY and source == DEFAULT_TINY_VAE):
+        source = str(builtin_tiny_vae_dir())
+    return load_tiny_vae(source, device, dtype)

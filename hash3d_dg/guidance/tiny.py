@@ -18,6 +18,11 @@ All weights are saved as fp16 safetensors with plain names (no variant), like th
 
 ``stable_zero123_unet_config`` and ``stable_zero123_vae_config`` give the full-size
 architectures (for FLOP counting on the meta device; no weights involved).
+
+The tiny autoencoder option (``guidance.vae=tiny``) loads diffusers' ``AutoencoderTiny`` in the
+layout of ``madebyollin/taesd``: ``config.json`` and ``diffusion_pytorch_model.safetensors`` at the
+repository root. ``taesd_config`` is that architecture (for FLOP counting); ``write_tiny_taesd``
+writes a tiny random one in the same layout for tests.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from hash3d_dg.guidance.camera_projection import CLIPCameraProjection
@@ -148,6 +153,45 @@ def tiny_vae_config() -> dict:
         "scaling_factor": 0.18215,
         "up_block_types": ["UpDecoderBlock2D"] * 4,
     }
+
+
+def taesd_config() -> dict:
+    """TAESD's architecture (``madebyollin/taesd`` config.json): 4 encoder / decoder stages of 64
+    channels, latent = image / 8 with 4 channels, latents already in the SD-scaled space."""
+    return {
+        "act_fn": "relu",
+        "decoder_block_out_channels": [64, 64, 64, 64],
+        "encoder_block_out_channels": [64, 64, 64, 64],
+        "force_upcast": False,
+        "in_channels": 3,
+        "latent_channels": 4,
+        "latent_magnitude": 3,
+        "latent_shift": 0.5,
+        "num_decoder_blocks": [3, 3, 3, 1],
+        "num_encoder_blocks": [1, 3, 3, 3],
+        "out_channels": 3,
+        "scaling_factor": 1.0,
+        "upsampling_scaling_factor": 2,
+    }
+
+
+def tiny_taesd_config() -> dict:
+    """A tiny ``AutoencoderTiny`` with TAESD's structure (same stages, latent = image / 8)."""
+    return dict(taesd_config(), encoder_block_out_channels=[8, 8, 8, 8],
+                decoder_block_out_channels=[8, 8, 8, 8], num_encoder_blocks=[1, 1, 1, 1],
+                num_decoder_blocks=[1, 1, 1, 1])
+
+
+def write_tiny_taesd(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random ``AutoencoderTiny`` in the ``madebyollin/taesd`` layout at ``path``
+    (``config.json`` + fp16 ``diffusion_pytorch_model.safetensors``); returns the directory."""
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderTiny(**tiny_taesd_config())
+    vae.half().save_pretrained(root, safe_serialization=True)
+    return root
 
 
 def tiny_image_encoder_config() -> CLIPVisionConfig:

@@ -63,6 +63,10 @@ class Zero123Guidance:
         min_step_ratio, max_step_ratio: timestep range as fractions of the training steps
             (0.02, 0.98 -> [20, 980]).
         seed: seed of the guidance's generator.
+        latent_vae: a tiny autoencoder (diffusers ``AutoencoderTiny``, e.g. TAESD) for the latents
+            of rendered views: the SDS encoding (stage 1) and the refine encode/decode (stage 2).
+            None uses the checkpoint's own VAE. The reference latent that conditions the UNet
+            always comes from the checkpoint's own VAE.
     """
 
     def __init__(
@@ -74,8 +78,10 @@ class Zero123Guidance:
         min_step_ratio: float = 0.02,
         max_step_ratio: float = 0.98,
         seed: int = 0,
+        latent_vae: torch.nn.Module | None = None,
     ) -> None:
         self.components = components
+        self.latent_vae = latent_vae
         self.denoiser = denoiser if denoiser is not None else CachedDenoiser(UNetSplit(components.unet), cache=None)
         self.guidance_scale = float(guidance_scale)
         self.image_size = int(image_size)
@@ -125,15 +131,23 @@ class Zero123Guidance:
             images: [B, 3, H, W] in [0, 1] (any H, W; resized to ``image_size``).
         Returns:
             latents [B, 4, image_size/8, image_size/8] in the model dtype, a posterior sample
-            multiplied by the VAE scaling factor; gradients flow back to ``images``.
+            multiplied by the VAE scaling factor (with a tiny autoencoder: its deterministic
+            latents, already in that scaled space); gradients flow back to ``images``.
         """
         x = self._resize(images) * 2.0 - 1.0
+        if self.latent_vae is not None:
+            vae = self.latent_vae
+            return vae.encode(x.to(vae.dtype)).latents.to(self.dtype) * float(vae.config.scaling_factor)
         posterior = self.components.vae.encode(x.to(self.dtype)).latent_dist
         return posterior.sample(generator=self.generator) * self.scaling_factor
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents [B, 4, h, w] -> images [B, 3, 8h, 8w] float32 in [0, 1]."""
+        if self.latent_vae is not None:
+            vae = self.latent_vae
+            x = vae.decode((latents / float(vae.config.scaling_factor)).to(vae.dtype)).sample
+            return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
         x = self.components.vae.decode((latents / self.scaling_factor).to(self.dtype)).sample
         return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 

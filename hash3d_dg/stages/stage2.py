@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 
@@ -71,7 +70,6 @@ def run_stage2(mesh: Mesh, ref: ReferenceView, cfg: RunConfig, guidance=None,
     white = torch.ones(3, device=device)
     use_guidance = guidance is not None and cfg.guidance.lambda_zero123 > 0
     meter = GuidanceMeter(guidance if use_guidance else None)
-    trajectory = use_guidance and cfg.hash3d.mode != "off" and cfg.hash3d.stage2 == "trajectory"
 
     start = time.perf_counter()
     bar = tqdm(range(1, s2.iters + 1), desc="stage 2 (mesh)  ", disable=not progress,
@@ -103,9 +101,7 @@ def run_stage2(mesh: Mesh, ref: ReferenceView, cfg: RunConfig, guidance=None,
             guard.observe_render(step, image)
             image = image.permute(2, 0, 1)[None]
             strength = s2.strength_start + step_ratio * (s2.strength_end - s2.strength_start)
-            reuse = (guidance.denoiser.trajectory(cfg.hash3d.trajectory_interval) if trajectory
-                     else contextlib.nullcontext())
-            with reuse:
+            with guidance.denoiser.refine_reuse(cfg.hash3d.stage2, cfg.hash3d.trajectory_interval):
                 refined = guidance.refine(image.detach(), [view.d_elevation], [view.d_azimuth],
                                           [view.d_radius], strength=strength, steps=s2.ddim_steps)
             refined = F.interpolate(refined.float(), image.shape[-2:], mode="bilinear",
