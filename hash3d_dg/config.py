@@ -19,8 +19,6 @@ preset and every other key given overrides that preset's value.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,33 +26,10 @@ from typing import Any
 
 import yaml
 
+from hash3d_dg.cache.config import Hash3DConfig
 from hash3d_dg.errors import ConfigError
 
 
-def _hash3d_config_class() -> type:
-    """``hash3d_dg.cache.config.Hash3DConfig`` without running ``hash3d_dg.cache/__init__``.
-
-    That package imports the UNet wrapper and with it diffusers (seconds of CPU); ``--help`` and a
-    config error must answer without it. The module itself only needs ``dataclasses``, so it is
-    loaded from its file and registered under its own name: a later ``import hash3d_dg.cache``
-    finds it in ``sys.modules`` and uses the very same class.
-    """
-    name = "hash3d_dg.cache.config"
-    module = sys.modules.get(name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).resolve().parent / "cache" / "config.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-    return module.Hash3DConfig
-
-
-Hash3DConfig = _hash3d_config_class()
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 TINY_MODEL = "builtin:tiny"  # the built-in tiny random checkpoint (smoke runs, tests)

@@ -1,23 +1,31 @@
 """Hash3D: a model-agnostic feature cache keyed by (camera, timestep) grid cells, and a UNet
-wrapper that splits the denoiser into a cached deep part and a recomputed shallow part."""
+wrapper that splits the denoiser into a cached deep part and a recomputed shallow part.
 
-from hash3d_dg.cache.config import Hash3DConfig
-from hash3d_dg.cache.denoiser import CachedDenoiser, SplitDenoiser, UNetCallStats
-from hash3d_dg.cache.grid import CacheKey, GridSpec, bucket_index
-from hash3d_dg.cache.table import CacheStats, Hash3DCache, make_cache
-from hash3d_dg.cache.unet_split import UNetSplit, UnsupportedUNetError
+The names are imported on first use (PEP 562): ``hash3d_dg.cache.config`` needs only the standard
+library, so reading a run config (``--help``, a config error) does not import diffusers, which the
+UNet wrapper does.
+"""
 
-__all__ = [
-    "CacheKey",
-    "CacheStats",
-    "CachedDenoiser",
-    "GridSpec",
-    "Hash3DCache",
-    "Hash3DConfig",
-    "SplitDenoiser",
-    "UNetCallStats",
-    "UNetSplit",
-    "UnsupportedUNetError",
-    "bucket_index",
-    "make_cache",
-]
+from importlib import import_module
+
+_WHERE = {
+    "Hash3DConfig": "config",
+    "CachedDenoiser": "denoiser", "SplitDenoiser": "denoiser", "UNetCallStats": "denoiser",
+    "CacheKey": "grid", "GridSpec": "grid", "bucket_index": "grid",
+    "CacheStats": "table", "Hash3DCache": "table", "make_cache": "table",
+    "UNetSplit": "unet_split", "UnsupportedUNetError": "unet_split",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
