@@ -38,7 +38,8 @@ from hash3d_dg.mesh.mesh import (Mesh, mip_level, mip_pyramid, sample_texture, s
                                  vertex_normals)
 from hash3d_dg.mesh.rasterize_nvdiffrast import (antialias_nvdiffrast, nvdiffrast_available,
                                                  rasterize_nvdiffrast, texture_nvdiffrast)
-from hash3d_dg.mesh.rasterize_torch import attribute_derivatives, rasterize_torch
+from hash3d_dg.mesh.rasterize_torch import (attribute_derivatives, gather_corners,
+                                             rasterize_torch)
 
 
 MESH_BACKENDS = ("torch", "nvdiffrast")
@@ -106,33 +107,42 @@ def _shade(tri_id: Tensor, bary: Tensor, f: Tensor, vn: Tensor, vt: Tensor | Non
         tri_id: ``[H, W]``; bary: ``[H, W, 3]``; f/ft: ``[F, 3]``; vn: ``[V, 3]``; vt: ``[T, 2]``;
         texture: ``[Th, Tw, 3]`` or None (untextured surfaces are white).
         lookup: optional ``(texture, uv [N, 2]) -> [N, 3]`` replacing the bilinear lookup
-            (N = covered pixels in ``nonzero(tri_id.view(-1) >= 0)`` order).
+            (N = covered pixels in ``nonzero(tri_id.view(-1) >= 0)`` order; the only host
+            sync here: without a lookup nothing waits on the device).
 
     Returns dict of ``fg [H, W, 3]`` (surface colour, 0 where empty), ``alpha [H, W, 1]``,
     ``uv [H, W, 2]``, ``normal [H, W, 3]``.
     """
     h, w = tri_id.shape
-    n_pix = h * w
     flat = tri_id.reshape(-1)
-    idx = torch.nonzero(flat >= 0).squeeze(1)
-    tid = flat[idx]
-    b = bary.reshape(-1, 3)[idx]  # [N, 3]
+    covered = (flat >= 0)[:, None]
+    # every pixel is interpolated (no nonzero, no host sync): empty pixels read an all-zero
+    # stand-in face, so their normal / uv are 0 and finite; every output is masked to 0 there
+    b = bary.reshape(-1, 3)  # [H * W, 3]
     dtype = bary.dtype
-    normal = (vn.to(dtype)[f[tid]] * b[..., None]).sum(dim=1)
+
+    def corners(attr: Tensor, faces: Tensor) -> Tensor:  # [H * W, 3, C]
+        attr = attr.to(dtype)
+        return gather_corners(attr, faces, attr.new_zeros((3, attr.shape[1])), flat)
+
+    normal = (corners(vn, f) * b[..., None]).sum(dim=1)
     normal = torch.nn.functional.normalize(normal, dim=-1)
     if vt is not None and ft is not None:
-        uv = (vt.to(dtype)[ft[tid]] * b[..., None]).sum(dim=1)
+        uv = (corners(vt, ft) * b[..., None]).sum(dim=1)
     else:
-        uv = b.new_zeros((idx.numel(), 2))
+        uv = b.new_zeros((h * w, 2))
     if texture is not None and vt is not None:
-        fg = (lookup or sample_texture)(texture.to(dtype), uv)
+        if lookup is None:
+            fg = sample_texture(texture.to(dtype), uv)
+        else:  # a lookup takes the covered pixels only (its contract): one nonzero here
+            idx = torch.nonzero(covered[:, 0]).squeeze(1)
+            fg = _scatter(h * w, idx, lookup(texture.to(dtype), uv[idx]))
     else:
-        fg = b.new_ones((idx.numel(), 3))
-    alpha = (flat >= 0).to(dtype).view(h, w, 1)
-    return {"fg": _scatter(n_pix, idx, fg).view(h, w, 3),
-            "uv": _scatter(n_pix, idx, uv).view(h, w, 2),
-            "normal": _scatter(n_pix, idx, normal).view(h, w, 3),
-            "alpha": alpha}
+        fg = b.new_ones((h * w, 3))
+    return {"fg": torch.where(covered, fg, 0.0).view(h, w, 3),
+            "uv": torch.where(covered, uv, 0.0).view(h, w, 2),
+            "normal": torch.where(covered, normal, 0.0).view(h, w, 3),
+            "alpha": covered.to(dtype).view(h, w, 1)}
 
 
 def _background(background: Tensor | None, h: int, w: int, like: Tensor) -> Tensor:

@@ -182,6 +182,18 @@ def _safe_clip_tri(like: Tensor) -> Tensor:
     return tri
 
 
+def gather_corners(attr: Tensor, faces: Tensor, stand_in: Tensor, tri_id: Tensor) -> Tensor:
+    """``attr[faces[tri_id]]`` per pixel ``[N, 3, C]``, where pixels with ``tri_id < 0`` read the
+    three rows of ``stand_in [3, C]`` instead (a face appended after the last one, on vertices
+    appended after the last one). Per pixel-vertex gather, so the backward accumulates into
+    ``attr`` in pixel order exactly as ``attr[faces[tri_id]]`` over the covered pixels would."""
+    n_v = attr.shape[0]
+    extra = torch.arange(n_v, n_v + 3, device=faces.device, dtype=faces.dtype)[None]
+    faces_ext = torch.cat([faces, extra])
+    attr_ext = torch.cat([attr, stand_in.to(attr.dtype)])
+    return attr_ext[faces_ext[torch.where(tri_id >= 0, tri_id, faces.shape[0])]]
+
+
 def _pixel_centres(height: int, width: int, dtype: torch.dtype, device) -> Tensor:
     """``[H * W, 2]`` pixel centres ``(x, y)`` in row-major pixel order."""
     idx = torch.arange(height * width, device=device)
@@ -240,13 +252,13 @@ def rasterize_torch(v: Tensor, faces: Tensor, mvp: Tensor, width: int, height: i
         valid = ok_vertex[faces].all(dim=1)
         tri_id = zbuffer(xy, torch.where(ok_vertex, cw, torch.ones_like(cw)), faces, valid,
                          width, height, pair_budget)
-    # every pixel is evaluated (no nonzero, no host sync); empty ones use a fixed well-posed
-    # triangle so that neither values nor gradients there are NaN, and are masked to 0
+    # every pixel is evaluated (no nonzero, no host sync); empty ones index a fixed well-posed
+    # stand-in triangle appended after the faces, so that neither values nor gradients there are
+    # NaN (whatever the mesh, even with no faces), and are masked to 0
     flat = tri_id.view(-1)
     covered = flat >= 0
     pix = _pixel_centres(height, width, v.dtype, v.device)
-    clip_tri = torch.where(covered[:, None, None], clip[faces[flat.clamp_min(0)]],
-                           _safe_clip_tri(clip.detach()))
+    clip_tri = gather_corners(clip, faces, _safe_clip_tri(clip.detach()), flat)
     bary_c, depth_c = perspective_barycentrics(clip_tri, pix, width, height)
     bary = torch.where(covered[:, None], bary_c, 0.0)
     depth = torch.where(covered, depth_c, 0.0)
@@ -269,7 +281,10 @@ def rasterize_uv(vt: Tensor, ft: Tensor, size: int, pair_budget: int = DEFAULT_P
     covered = flat >= 0
     pix = _pixel_centres(size, size, torch.float64, vt.device)
     # orthographic: clip coordinates with w = 1 reproduce xy exactly
-    tri_xy = xy[ft[flat.clamp_min(0)]]
+    stand_in = xy.new_zeros((3, 2))  # a well-posed triangle, built without a host copy
+    stand_in[1, 0] = 2.0 * size
+    stand_in[2, 1] = 2.0 * size
+    tri_xy = gather_corners(xy, ft, stand_in, flat)
     clip = torch.cat([tri_xy[..., :1] / size * 2.0 - 1.0, 1.0 - tri_xy[..., 1:] / size * 2.0,
                       torch.zeros_like(tri_xy[..., :1]), torch.ones_like(tri_xy[..., :1])], -1)
     bary_c, _ = perspective_barycentrics(clip, pix, size, size)
