@@ -9,9 +9,9 @@ import torch
 import trimesh
 
 from hash3d_dg.camera import Camera
-from hash3d_dg.mesh.backends import _shade, rasterize_mesh
-from hash3d_dg.mesh.mesh import Mesh, sample_texture
-from hash3d_dg.mesh.rasterize_torch import rasterize_torch
+from hash3d_dg.mesh.backends import _shade
+from hash3d_dg.mesh.mesh import Mesh, sample_texture, vertex_normals
+from hash3d_dg.mesh.rasterize_torch import rasterize_torch, rasterize_uv
 
 
 def _soup(seed: int = 1) -> Mesh:
@@ -79,11 +79,13 @@ def _brute_force(v: np.ndarray, f: np.ndarray, mvp: np.ndarray, width: int, heig
     return tri.reshape(shape), bary.reshape(shape + (3,)), depth.reshape(shape), clear.reshape(shape)
 
 
+@pytest.mark.parametrize("all_pixels", [True, False])
 @pytest.mark.parametrize("case", range(4))
-def test_matches_brute_force_per_pixel_reference(case):
+def test_matches_brute_force_per_pixel_reference(case, all_pixels):
     mesh, cam = _cases()[case]
     mvp = cam.mvp(dtype=torch.float64)
-    tri, bary, depth = rasterize_torch(mesh.v, mesh.f, mvp, cam.width, cam.height, near=cam.near)
+    tri, bary, depth = rasterize_torch(mesh.v, mesh.f, mvp, cam.width, cam.height, near=cam.near,
+                                       all_pixels=all_pixels)
     rt, rb, rd, clear = _brute_force(mesh.v.numpy(), mesh.f.numpy(), mvp.numpy(), cam.width,
                                      cam.height, cam.near)
     assert clear.mean() > 0.9 and (rt[clear] >= 0).sum() > 100
@@ -104,26 +106,45 @@ def test_any_chunk_budget_gives_the_same_result(case):
         out = rasterize_torch(mesh.v, mesh.f, mvp, cam.width, cam.height, near=cam.near,
                               pair_budget=budget)
         assert all(torch.equal(x, y) for x, y in zip(ref, out)), budget
+    # the sync-free all-pixel attribute pass gives the same values as the covered-pixel one
+    out = rasterize_torch(mesh.v, mesh.f, mvp, cam.width, cam.height, near=cam.near,
+                          all_pixels=True)
+    assert all(torch.equal(x, y) for x, y in zip(ref, out))
+
+
+def test_uv_raster_paths_agree():
+    mesh = Mesh.from_trimesh(trimesh.creation.icosphere(subdivisions=2, radius=0.6))
+    mesh = mesh.unwrap_uv(texture_size=48)
+    a = rasterize_uv(mesh.vt, mesh.ft, 48, all_pixels=False)
+    b = rasterize_uv(mesh.vt, mesh.ft, 48, all_pixels=True, pair_budget=11)
+    assert (a[0] >= 0).sum() > 300
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 def test_empty_and_fully_culled_inputs():
     cam = Camera.orbit(0.0, 0.0, 2.0, width=12, height=10)
     v = torch.tensor([[0.0, 0.0, 5.0], [1.0, 0.0, 5.0], [0.0, 1.0, 5.0]])  # behind the camera
     for f in (torch.zeros((0, 3), dtype=torch.int64), torch.tensor([[0, 1, 2]])):
-        tri, bary, depth = rasterize_torch(v, f, cam.mvp(), 12, 10, near=cam.near)
-        assert (tri == -1).all() and (bary == 0).all() and (depth == 0).all()
+        for all_pixels in (True, False):
+            tri, bary, depth = rasterize_torch(v, f, cam.mvp(), 12, 10, near=cam.near,
+                                               all_pixels=all_pixels)
+            assert (tri == -1).all() and (bary == 0).all() and (depth == 0).all()
+            sh = _shade(tri, bary, f, torch.zeros_like(v), None, None, None,
+                        all_pixels=all_pixels)
+            assert all((t == 0).all() for t in sh.values())
 
 
 def test_gradients_are_finite_when_the_first_face_is_degenerate_and_culled():
     # empty pixels evaluate a stand-in triangle; face 0 (what clamp_min(0) points them at) being
     # degenerate or behind the camera must not leak NaN into the vertex gradients
     mesh, cam = _cases()[3]
-    mesh = Mesh(mesh.v.float(), mesh.f)
-    offsets = torch.zeros_like(mesh.v, requires_grad=True)
-    r = rasterize_mesh(mesh, cam, backend="torch", vertex_offsets=offsets)
-    assert (r.tri_id < 0).any() and (r.tri_id >= 0).sum() > 100
-    (r.depth.sum() + r.bary[..., 0].sum() + r.normal.sum()).backward()
-    assert torch.isfinite(offsets.grad).all() and offsets.grad.abs().sum() > 0
+    v = mesh.v.float().requires_grad_(True)
+    tri, bary, depth = rasterize_torch(v, mesh.f, cam.mvp(), cam.width, cam.height,
+                                       near=cam.near, all_pixels=True)
+    sh = _shade(tri, bary, mesh.f, vertex_normals(v, mesh.f), None, None, None, all_pixels=True)
+    assert (tri < 0).any() and (tri >= 0).sum() > 100
+    (depth.sum() + bary[..., 0].sum() + sh["normal"].sum()).backward()
+    assert torch.isfinite(v.grad).all() and v.grad.abs().sum() > 0
 
 
 def test_shade_with_and_without_a_lookup_agree():
@@ -132,10 +153,13 @@ def test_shade_with_and_without_a_lookup_agree():
     tex = torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(3))
     cam = Camera.orbit(-20.0, 30.0, 2.0, width=40, height=32)
     tri, bary, _ = rasterize_torch(mesh.v, mesh.f, cam.mvp(), 40, 32, near=cam.near)
-    plain = _shade(tri, bary, mesh.f, mesh.vn, mesh.vt, mesh.ft, tex)
-    looked = _shade(tri, bary, mesh.f, mesh.vn, mesh.vt, mesh.ft, tex, lookup=sample_texture)
-    for k in plain:
-        assert torch.equal(plain[k], looked[k]), k
+    plain = _shade(tri, bary, mesh.f, mesh.vn, mesh.vt, mesh.ft, tex, all_pixels=False)
+    for all_pixels in (True, False):
+        for lookup in (None, sample_texture):
+            other = _shade(tri, bary, mesh.f, mesh.vn, mesh.vt, mesh.ft, tex, lookup=lookup,
+                           all_pixels=all_pixels)
+            for k in plain:
+                assert torch.equal(plain[k], other[k]), (k, all_pixels, lookup)
     empty = tri < 0
     assert empty.any() and (plain["fg"][empty] == 0).all() and (plain["normal"][empty] == 0).all()
 
@@ -161,7 +185,7 @@ def test_cuda_call_has_one_host_sync_and_matches_cpu():
     cam = Camera.orbit(-20.0, 30.0, 2.0, width=96, height=80)
     gm = mesh.to("cuda")
     gtex, mvp = tex.cuda(), cam.mvp(device="cuda")
-    for budget in (1 << 19, 500):  # one chunk, many chunks
+    for budget in (1 << 19, 500):  # one chunk, many chunks (all_pixels is the default on CUDA)
         rasterize_torch(gm.v, gm.f, mvp, 96, 80, near=cam.near, pair_budget=budget)  # warm up
         (tri, bary, depth), n = _count_syncs(
             lambda: rasterize_torch(gm.v, gm.f, mvp, 96, 80, near=cam.near, pair_budget=budget))

@@ -16,8 +16,9 @@ Two passes:
    uncovered pairs write -1, the empty value, so no pair is ever selected by a boolean mask.
    Triangles with any vertex closer than the near plane (``w < near``) or with zero screen area
    are culled (no clipping).
-2. Attributes (differentiable): at every pixel (empty ones evaluate a fixed, well-posed triangle
-   and are masked to 0), the visible triangle's clip-space
+2. Attributes (differentiable): at the covered pixels (on the CPU) or at every pixel, empty ones
+   evaluating a fixed, well-posed stand-in triangle masked to 0 (off the CPU: no ``nonzero``,
+   see :class:`Pixels`), the visible triangle's clip-space
    vertices are re-projected and the screen-space barycentrics ``l_i`` are recomputed, then made
    perspective-correct: ``b_i = (l_i / w_i) / sum_j (l_j / w_j)``, ``depth = 1 / sum_j (l_j / w_j)``.
    Gradients reach vertex positions through these barycentrics (not through visibility).
@@ -175,10 +176,10 @@ def _safe_clip_tri(like: Tensor) -> Tensor:
     """``[3, 4]`` clip coordinates of a triangle covering the whole screen with ``w = 1`` (built
     on ``like``'s device without a host copy): what empty pixels evaluate."""
     tri = like.new_full((3, 4), -1.0)
-    tri[:, 2] = 0.0
-    tri[:, 3] = 1.0
-    tri[1, 0] = 3.0
-    tri[2, 1] = 3.0
+    tri[:, 2].fill_(0.0)
+    tri[:, 3].fill_(1.0)
+    tri[1, 0].fill_(3.0)
+    tri[2, 1].fill_(3.0)
     return tri
 
 
@@ -194,11 +195,45 @@ def gather_corners(attr: Tensor, faces: Tensor, stand_in: Tensor, tri_id: Tensor
     return attr_ext[faces_ext[torch.where(tri_id >= 0, tri_id, faces.shape[0])]]
 
 
-def _pixel_centres(height: int, width: int, dtype: torch.dtype, device) -> Tensor:
-    """``[H * W, 2]`` pixel centres ``(x, y)`` in row-major pixel order."""
-    idx = torch.arange(height * width, device=device)
-    return torch.stack([(idx % width).to(dtype) + 0.5,
-                        torch.div(idx, width, rounding_mode="floor").to(dtype) + 0.5], -1)
+class Pixels:
+    """The pixels an attribute pass evaluates, and how results return to the full image.
+
+    ``all_pixels=True`` (the default off the CPU): every pixel, in row-major order; empty ones
+    carry ``tid = -1`` (:func:`gather_corners` gives them a stand-in face) and :meth:`expand`
+    masks them to 0 with ``torch.where``: no ``nonzero``, so no host sync. ``False`` (the default
+    on the CPU, where a host sync costs nothing and the empty pixels would be wasted work): the
+    covered pixels only, in ``nonzero`` order, scattered back with ``index_put``. Both give the
+    same values (the per-pixel arithmetic is the same)."""
+
+    def __init__(self, tri_id: Tensor, all_pixels: bool | None = None):
+        flat = tri_id.reshape(-1)
+        self.all_pixels = flat.device.type != "cpu" if all_pixels is None else all_pixels
+        self.n = flat.numel()
+        self.covered = flat >= 0
+        if self.all_pixels:
+            self.index = torch.arange(self.n, device=flat.device)
+            self.tid = flat
+        else:
+            self.index = torch.nonzero(self.covered).squeeze(1)
+            self.tid = flat[self.index]
+
+    def select(self, full: Tensor) -> Tensor:
+        """Rows of a per-pixel ``[H * W, ...]`` tensor for the evaluated pixels."""
+        return full if self.all_pixels else full[self.index]
+
+    def expand(self, values: Tensor) -> Tensor:
+        """Evaluated rows ``[N, ...]`` -> ``[H * W, ...]``, 0 at empty pixels."""
+        if self.all_pixels:
+            mask = self.covered.view((-1,) + (1,) * (values.dim() - 1))
+            return torch.where(mask, values, 0.0)
+        out = values.new_zeros((self.n,) + tuple(values.shape[1:]))
+        return out.index_put((self.index,), values)
+
+    def centres(self, width: int, dtype: torch.dtype) -> Tensor:
+        """``[N, 2]`` pixel centres ``(x, y)`` of the evaluated pixels."""
+        idx = self.index
+        return torch.stack([(idx % width).to(dtype) + 0.5,
+                            torch.div(idx, width, rounding_mode="floor").to(dtype) + 0.5], -1)
 
 
 def perspective_barycentrics(clip_tri: Tensor, pix: Tensor, width: int, height: int
@@ -229,8 +264,8 @@ def perspective_barycentrics(clip_tri: Tensor, pix: Tensor, width: int, height: 
 
 
 def rasterize_torch(v: Tensor, faces: Tensor, mvp: Tensor, width: int, height: int,
-                    near: float = 0.0, pair_budget: int = DEFAULT_PAIR_BUDGET
-                    ) -> tuple[Tensor, Tensor, Tensor]:
+                    near: float = 0.0, pair_budget: int = DEFAULT_PAIR_BUDGET,
+                    all_pixels: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Rasterise world-space triangles.
 
     Args:
@@ -238,6 +273,8 @@ def rasterize_torch(v: Tensor, faces: Tensor, mvp: Tensor, width: int, height: i
         faces: ``[F, 3]`` int64.
         mvp: ``[4, 4]`` world -> OpenGL clip transform.
         near: triangles with any vertex at clip ``w < near`` are culled.
+        all_pixels: attribute pass over every pixel (sync-free) or the covered ones only; None:
+            every pixel off the CPU (see :class:`Pixels`). The results are the same.
 
     Returns:
         ``tri_id [H, W]`` int64 (-1 empty), ``bary [H, W, 3]`` perspective-correct barycentrics
@@ -252,43 +289,39 @@ def rasterize_torch(v: Tensor, faces: Tensor, mvp: Tensor, width: int, height: i
         valid = ok_vertex[faces].all(dim=1)
         tri_id = zbuffer(xy, torch.where(ok_vertex, cw, torch.ones_like(cw)), faces, valid,
                          width, height, pair_budget)
-    # every pixel is evaluated (no nonzero, no host sync); empty ones index a fixed well-posed
-    # stand-in triangle appended after the faces, so that neither values nor gradients there are
-    # NaN (whatever the mesh, even with no faces), and are masked to 0
-    flat = tri_id.view(-1)
-    covered = flat >= 0
-    pix = _pixel_centres(height, width, v.dtype, v.device)
-    clip_tri = gather_corners(clip, faces, _safe_clip_tri(clip.detach()), flat)
-    bary_c, depth_c = perspective_barycentrics(clip_tri, pix, width, height)
-    bary = torch.where(covered[:, None], bary_c, 0.0)
-    depth = torch.where(covered, depth_c, 0.0)
+    # with all_pixels, empty pixels read a fixed well-posed stand-in triangle (detached, appended
+    # after the faces): neither their values nor the vertex gradients are NaN, even with no faces
+    px = Pixels(tri_id, all_pixels)
+    clip_tri = gather_corners(clip, faces, _safe_clip_tri(clip.detach()), px.tid)
+    bary_c, depth_c = perspective_barycentrics(clip_tri, px.centres(width, v.dtype), width, height)
+    bary = px.expand(bary_c)
+    depth = px.expand(depth_c)
     return tri_id, bary.view(height, width, 3), depth.view(height, width)
 
 
 @torch.no_grad()
-def rasterize_uv(vt: Tensor, ft: Tensor, size: int, pair_budget: int = DEFAULT_PAIR_BUDGET
-                 ) -> tuple[Tensor, Tensor]:
+def rasterize_uv(vt: Tensor, ft: Tensor, size: int, pair_budget: int = DEFAULT_PAIR_BUDGET,
+                 all_pixels: bool | None = None) -> tuple[Tensor, Tensor]:
     """Rasterise the uv atlas into a ``size x size`` texture (texel centres, row 0 = image top).
 
     Returns ``tri_id [S, S]`` (-1 outside the charts) and linear barycentrics ``bary [S, S, 3]``.
+    ``all_pixels``: as in :func:`rasterize_torch`.
     """
     uv = vt.double()
     xy = torch.stack([uv[:, 0] * size, (1.0 - uv[:, 1]) * size], dim=-1)
     ones = torch.ones(vt.shape[0], dtype=torch.float64, device=vt.device)
     valid = torch.ones(ft.shape[0], dtype=torch.bool, device=vt.device)
     tri_id = zbuffer(xy, ones, ft, valid, size, size, pair_budget)
-    flat = tri_id.view(-1)
-    covered = flat >= 0
-    pix = _pixel_centres(size, size, torch.float64, vt.device)
+    px = Pixels(tri_id, all_pixels)
     # orthographic: clip coordinates with w = 1 reproduce xy exactly
     stand_in = xy.new_zeros((3, 2))  # a well-posed triangle, built without a host copy
-    stand_in[1, 0] = 2.0 * size
-    stand_in[2, 1] = 2.0 * size
-    tri_xy = gather_corners(xy, ft, stand_in, flat)
+    stand_in[1, 0].fill_(2.0 * size)
+    stand_in[2, 1].fill_(2.0 * size)
+    tri_xy = gather_corners(xy, ft, stand_in, px.tid)
     clip = torch.cat([tri_xy[..., :1] / size * 2.0 - 1.0, 1.0 - tri_xy[..., 1:] / size * 2.0,
                       torch.zeros_like(tri_xy[..., :1]), torch.ones_like(tri_xy[..., :1])], -1)
-    bary_c, _ = perspective_barycentrics(clip, pix, size, size)
-    bary = torch.where(covered[:, None], bary_c, 0.0)
+    bary_c, _ = perspective_barycentrics(clip, px.centres(size, torch.float64), size, size)
+    bary = px.expand(bary_c)
     return tri_id, bary.view(size, size, 3).float()
 
 
