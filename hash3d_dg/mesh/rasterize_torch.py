@@ -23,10 +23,12 @@ Two passes:
    perspective-correct: ``b_i = (l_i / w_i) / sum_j (l_j / w_j)``, ``depth = 1 / sum_j (l_j / w_j)``.
    Gradients reach vertex positions through these barycentrics (not through visibility).
 
-Host synchronisation: on CUDA a call copies the per-face box sizes to the host once (the chunk
-plan, :class:`_ChunkPlan`, sizes every later op: ``repeat_interleave(output_size=...)``, aranges
-of known length); nothing else waits on the device (no ``nonzero``, no boolean indexing, no
-``.item()``). ``attribute_derivatives`` (mip-mapped lookups only) still uses ``nonzero``.
+Host synchronisation: on CUDA a ``rasterize_torch`` / ``rasterize_uv`` call copies the per-face
+box sizes to the host once (the chunk plan, :class:`_ChunkPlan`, sizes every later op:
+``repeat_interleave(output_size=...)``, aranges of known length); with the default
+``all_pixels`` off the CPU nothing else waits on the device (no ``nonzero``, no boolean indexing,
+no ``.item()``). On the CPU the attribute pass keeps ``nonzero`` (free there, and it skips the
+empty pixels). ``attribute_derivatives`` (mip-mapped lookups only) still uses ``nonzero``.
 """
 
 from __future__ import annotations
