@@ -12,16 +12,28 @@ Two passes:
    in chunks of at most ``pair_budget`` (or one image row, whichever is larger), so memory stays
    bounded whatever the mesh or resolution. Each pair evaluates the triangle's affine edge
    functions at the pixel centre; covered pairs write ``(1/depth, triangle id)`` packed into one
-   int64 key into a z-buffer with ``scatter_reduce(amax)`` (nearest wins, ties to the larger id).
+   int64 key into a z-buffer with ``scatter_reduce(amax)`` (nearest wins, ties to the larger id);
+   uncovered pairs write -1, the empty value, so no pair is ever selected by a boolean mask.
    Triangles with any vertex closer than the near plane (``w < near``) or with zero screen area
    are culled (no clipping).
-2. Attributes (differentiable): for the covered pixels only, the visible triangle's clip-space
+2. Attributes (differentiable): at the covered pixels (on the CPU) or at every pixel, empty ones
+   evaluating a fixed, well-posed stand-in triangle masked to 0 (off the CPU: no ``nonzero``,
+   see :class:`Pixels`), the visible triangle's clip-space
    vertices are re-projected and the screen-space barycentrics ``l_i`` are recomputed, then made
    perspective-correct: ``b_i = (l_i / w_i) / sum_j (l_j / w_j)``, ``depth = 1 / sum_j (l_j / w_j)``.
    Gradients reach vertex positions through these barycentrics (not through visibility).
+
+Host synchronisation: on CUDA a ``rasterize_torch`` / ``rasterize_uv`` call copies the per-face
+box sizes to the host once (the chunk plan, :class:`_ChunkPlan`, sizes every later op:
+``repeat_interleave(output_size=...)``, aranges of known length); with the default
+``all_pixels`` off the CPU nothing else waits on the device (no ``nonzero``, no boolean indexing,
+no ``.item()``). On the CPU the attribute pass keeps ``nonzero`` (free there, and it skips the
+empty pixels). ``attribute_derivatives`` (mip-mapped lookups only) still uses ``nonzero``.
 """
 
 from __future__ import annotations
+
+import bisect
 
 import torch
 from torch import Tensor
@@ -56,6 +68,32 @@ def _edge_coefficients(xy: Tensor, inv_w: Tensor, faces: Tensor) -> tuple[Tensor
     d = l0 * (iw[:, 0] - iw[:, 2])[:, None] + l1 * (iw[:, 1] - iw[:, 2])[:, None]
     d[:, 2] += iw[:, 2]
     return torch.stack([l0, l1, d], dim=1), area
+
+
+class _ChunkPlan:
+    """Host-side plan of the visibility pass from the per-face box sizes ``[2, F]`` (width,
+    height; height 0 for culled faces): the number of row-band items, and chunks
+    ``(first item, end item, first pair, pair count)`` of at most ``pair_budget`` pairs (or one
+    item). Mirrors the device's item arithmetic in :func:`zbuffer` exactly (int64)."""
+
+    def __init__(self, box: Tensor, pair_budget: int):
+        bw, bh = box[0], box[1]
+        rows_per = torch.clamp(pair_budget // bw, min=1)
+        n_items = (bh + rows_per - 1) // rows_per
+        self.n_items = int(n_items.sum())
+        self.chunks: list[tuple[int, int, int, int]] = []
+        if self.n_items == 0:
+            return
+        item_tri = torch.repeat_interleave(n_items)
+        band = torch.arange(self.n_items) - (torch.cumsum(n_items, 0) - n_items)[item_tri]
+        item_rows = torch.minimum(rows_per[item_tri], bh[item_tri] - band * rows_per[item_tri])
+        cum = torch.cumsum(bw[item_tri] * item_rows, 0).tolist()
+        start = 0
+        while start < self.n_items:
+            base = cum[start - 1] if start > 0 else 0
+            end = max(bisect.bisect_right(cum, base + pair_budget), start + 1)
+            self.chunks.append((start, end, base, cum[end - 1] - base))
+            start = end
 
 
 @torch.no_grad()
@@ -93,35 +131,30 @@ def zbuffer(xy: Tensor, w: Tensor, faces: Tensor, valid: Tensor, width: int, hei
     # boxes entirely off one side collapse to empty through the clamps
     off = (hi[:, 0] < 0.5) | (hi[:, 1] < 0.5) | (lo[:, 0] > width - 0.5) | (lo[:, 1] > height - 0.5)
     valid = valid & ~off & (x1 >= x0) & (y1 >= y0)
-    tri = torch.nonzero(valid).squeeze(1)
-    if tri.numel() == 0:
-        return zbuf.view(height, width)
-    bw = (x1 - x0 + 1)[tri]
-    bh = (y1 - y0 + 1)[tri]
+    # every face stays in the arrays (no nonzero): a culled face gets an empty box and no items
+    bw = torch.where(valid, x1 - x0 + 1, torch.ones_like(x0))
+    bh = torch.where(valid, y1 - y0 + 1, torch.zeros_like(y0))
     # split tall/wide boxes into row bands of at most max(pair_budget, bw) pairs
     rows_per = torch.clamp(pair_budget // bw, min=1)
     n_items = (bh + rows_per - 1) // rows_per
-    item_tri_local = torch.repeat_interleave(torch.arange(tri.numel(), device=device), n_items)
+    # the one host copy of the call: the per-face box sizes, from which the host plans the items
+    # and chunks (the same integer arithmetic as on the device) to size every later op
+    plan = _ChunkPlan(torch.stack([bw, bh]).cpu(), pair_budget)
+    if plan.n_items == 0:
+        return zbuf.view(height, width)
+    item_tri = torch.repeat_interleave(n_items, output_size=plan.n_items)
     first_item = torch.cumsum(n_items, 0) - n_items
-    band = torch.arange(item_tri_local.numel(), device=device) - first_item[item_tri_local]
-    item_y0 = y0[tri][item_tri_local] + band * rows_per[item_tri_local]
-    item_rows = torch.minimum(rows_per[item_tri_local], y1[tri][item_tri_local] - item_y0 + 1)
-    item_bw = bw[item_tri_local]
+    band = torch.arange(plan.n_items, device=device) - first_item[item_tri]
+    item_y0 = y0[item_tri] + band * rows_per[item_tri]
+    item_rows = torch.minimum(rows_per[item_tri], y1[item_tri] - item_y0 + 1)
+    item_bw = bw[item_tri]
     item_count = item_bw * item_rows
-    item_tri = tri[item_tri_local]
     item_x0 = x0[item_tri]
-    cum = torch.cumsum(item_count, 0)
-    n = int(item_count.numel())
-    start = 0
-    while start < n:
-        base = int(cum[start - 1]) if start > 0 else 0
-        end = int(torch.searchsorted(cum, base + pair_budget, right=True))
-        end = max(end, start + 1)
+    first_pair = torch.cumsum(item_count, 0) - item_count
+    for start, end, base, total in plan.chunks:
         counts = item_count[start:end]
-        total = int(counts.sum())
-        pair_item = torch.repeat_interleave(torch.arange(start, end, device=device), counts)
-        offsets = torch.cumsum(counts, 0) - counts
-        local = torch.arange(total, device=device) - offsets[pair_item - start]
+        pair_item = start + torch.repeat_interleave(counts, output_size=total)
+        local = torch.arange(base, base + total, device=device) - first_pair[pair_item]
         pbw = item_bw[pair_item]
         px = item_x0[pair_item] + local % pbw
         py = item_y0[pair_item] + torch.div(local, pbw, rounding_mode="floor")
@@ -133,13 +166,76 @@ def zbuffer(xy: Tensor, w: Tensor, faces: Tensor, valid: Tensor, width: int, hei
         l0, l1, inv_depth = vals[:, 0], vals[:, 1], vals[:, 2]
         eps = -1e-9
         inside = (l0 >= eps) & (l1 >= eps) & (1.0 - l0 - l1 >= eps) & (inv_depth > 0)
-        if bool(inside.any()):
-            depth_bits = inv_depth[inside].float().view(torch.int32).long()
-            key = (depth_bits << 32) | ptri[inside]
-            zbuf.scatter_reduce_(0, (py * width + px)[inside], key, reduce="amax")
-        start = end
+        # uncovered pairs write -1, the z-buffer's empty value, so amax ignores them
+        depth_bits = inv_depth.float().view(torch.int32).long()
+        key = torch.where(inside, (depth_bits << 32) | ptri, -1)
+        zbuf.scatter_reduce_(0, py * width + px, key, reduce="amax")
     tri_id = torch.where(zbuf >= 0, zbuf & 0xFFFFFFFF, zbuf)
     return tri_id.view(height, width)
+
+
+def _safe_clip_tri(like: Tensor) -> Tensor:
+    """``[3, 4]`` clip coordinates of a triangle covering the whole screen with ``w = 1`` (built
+    on ``like``'s device without a host copy): what empty pixels evaluate."""
+    tri = like.new_full((3, 4), -1.0)
+    tri[:, 2].fill_(0.0)
+    tri[:, 3].fill_(1.0)
+    tri[1, 0].fill_(3.0)
+    tri[2, 1].fill_(3.0)
+    return tri
+
+
+def gather_corners(attr: Tensor, faces: Tensor, stand_in: Tensor, tri_id: Tensor) -> Tensor:
+    """``attr[faces[tri_id]]`` per pixel ``[N, 3, C]``, where pixels with ``tri_id < 0`` read the
+    three rows of ``stand_in [3, C]`` instead (a face appended after the last one, on vertices
+    appended after the last one). Per pixel-vertex gather, so the backward accumulates into
+    ``attr`` in pixel order exactly as ``attr[faces[tri_id]]`` over the covered pixels would."""
+    n_v = attr.shape[0]
+    extra = torch.arange(n_v, n_v + 3, device=faces.device, dtype=faces.dtype)[None]
+    faces_ext = torch.cat([faces, extra])
+    attr_ext = torch.cat([attr, stand_in.to(attr.dtype)])
+    return attr_ext[faces_ext[torch.where(tri_id >= 0, tri_id, faces.shape[0])]]
+
+
+class Pixels:
+    """The pixels an attribute pass evaluates, and how results return to the full image.
+
+    ``all_pixels=True`` (the default off the CPU): every pixel, in row-major order; empty ones
+    carry ``tid = -1`` (:func:`gather_corners` gives them a stand-in face) and :meth:`expand`
+    masks them to 0 with ``torch.where``: no ``nonzero``, so no host sync. ``False`` (the default
+    on the CPU, where a host sync costs nothing and the empty pixels would be wasted work): the
+    covered pixels only, in ``nonzero`` order, scattered back with ``index_put``. Both give the
+    same values (the per-pixel arithmetic is the same)."""
+
+    def __init__(self, tri_id: Tensor, all_pixels: bool | None = None):
+        flat = tri_id.reshape(-1)
+        self.all_pixels = flat.device.type != "cpu" if all_pixels is None else all_pixels
+        self.n = flat.numel()
+        self.covered = flat >= 0
+        if self.all_pixels:
+            self.index = torch.arange(self.n, device=flat.device)
+            self.tid = flat
+        else:
+            self.index = torch.nonzero(self.covered).squeeze(1)
+            self.tid = flat[self.index]
+
+    def select(self, full: Tensor) -> Tensor:
+        """Rows of a per-pixel ``[H * W, ...]`` tensor for the evaluated pixels."""
+        return full if self.all_pixels else full[self.index]
+
+    def expand(self, values: Tensor) -> Tensor:
+        """Evaluated rows ``[N, ...]`` -> ``[H * W, ...]``, 0 at empty pixels."""
+        if self.all_pixels:
+            mask = self.covered.view((-1,) + (1,) * (values.dim() - 1))
+            return torch.where(mask, values, 0.0)
+        out = values.new_zeros((self.n,) + tuple(values.shape[1:]))
+        return out.index_put((self.index,), values)
+
+    def centres(self, width: int, dtype: torch.dtype) -> Tensor:
+        """``[N, 2]`` pixel centres ``(x, y)`` of the evaluated pixels."""
+        idx = self.index
+        return torch.stack([(idx % width).to(dtype) + 0.5,
+                            torch.div(idx, width, rounding_mode="floor").to(dtype) + 0.5], -1)
 
 
 def perspective_barycentrics(clip_tri: Tensor, pix: Tensor, width: int, height: int
@@ -170,8 +266,8 @@ def perspective_barycentrics(clip_tri: Tensor, pix: Tensor, width: int, height: 
 
 
 def rasterize_torch(v: Tensor, faces: Tensor, mvp: Tensor, width: int, height: int,
-                    near: float = 0.0, pair_budget: int = DEFAULT_PAIR_BUDGET
-                    ) -> tuple[Tensor, Tensor, Tensor]:
+                    near: float = 0.0, pair_budget: int = DEFAULT_PAIR_BUDGET,
+                    all_pixels: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Rasterise world-space triangles.
 
     Args:
@@ -179,6 +275,8 @@ def rasterize_torch(v: Tensor, faces: Tensor, mvp: Tensor, width: int, height: i
         faces: ``[F, 3]`` int64.
         mvp: ``[4, 4]`` world -> OpenGL clip transform.
         near: triangles with any vertex at clip ``w < near`` are culled.
+        all_pixels: attribute pass over every pixel (sync-free) or the covered ones only; None:
+            every pixel off the CPU (see :class:`Pixels`). The results are the same.
 
     Returns:
         ``tri_id [H, W]`` int64 (-1 empty), ``bary [H, W, 3]`` perspective-correct barycentrics
@@ -193,41 +291,39 @@ def rasterize_torch(v: Tensor, faces: Tensor, mvp: Tensor, width: int, height: i
         valid = ok_vertex[faces].all(dim=1)
         tri_id = zbuffer(xy, torch.where(ok_vertex, cw, torch.ones_like(cw)), faces, valid,
                          width, height, pair_budget)
-    flat = tri_id.view(-1)
-    pix_idx = torch.nonzero(flat >= 0).squeeze(1)
-    tid = flat[pix_idx]
-    pix = torch.stack([(pix_idx % width).to(v.dtype) + 0.5,
-                       torch.div(pix_idx, width, rounding_mode="floor").to(v.dtype) + 0.5], -1)
-    bary_c, depth_c = perspective_barycentrics(clip[faces[tid]], pix, width, height)
-    bary = v.new_zeros((height * width, 3)).index_put((pix_idx,), bary_c)
-    depth = v.new_zeros((height * width,)).index_put((pix_idx,), depth_c)
+    # with all_pixels, empty pixels read a fixed well-posed stand-in triangle (detached, appended
+    # after the faces): neither their values nor the vertex gradients are NaN, even with no faces
+    px = Pixels(tri_id, all_pixels)
+    clip_tri = gather_corners(clip, faces, _safe_clip_tri(clip.detach()), px.tid)
+    bary_c, depth_c = perspective_barycentrics(clip_tri, px.centres(width, v.dtype), width, height)
+    bary = px.expand(bary_c)
+    depth = px.expand(depth_c)
     return tri_id, bary.view(height, width, 3), depth.view(height, width)
 
 
 @torch.no_grad()
-def rasterize_uv(vt: Tensor, ft: Tensor, size: int, pair_budget: int = DEFAULT_PAIR_BUDGET
-                 ) -> tuple[Tensor, Tensor]:
+def rasterize_uv(vt: Tensor, ft: Tensor, size: int, pair_budget: int = DEFAULT_PAIR_BUDGET,
+                 all_pixels: bool | None = None) -> tuple[Tensor, Tensor]:
     """Rasterise the uv atlas into a ``size x size`` texture (texel centres, row 0 = image top).
 
     Returns ``tri_id [S, S]`` (-1 outside the charts) and linear barycentrics ``bary [S, S, 3]``.
+    ``all_pixels``: as in :func:`rasterize_torch`.
     """
     uv = vt.double()
     xy = torch.stack([uv[:, 0] * size, (1.0 - uv[:, 1]) * size], dim=-1)
     ones = torch.ones(vt.shape[0], dtype=torch.float64, device=vt.device)
     valid = torch.ones(ft.shape[0], dtype=torch.bool, device=vt.device)
     tri_id = zbuffer(xy, ones, ft, valid, size, size, pair_budget)
-    flat = tri_id.view(-1)
-    pix_idx = torch.nonzero(flat >= 0).squeeze(1)
-    tid = flat[pix_idx]
-    pix = torch.stack([(pix_idx % size).double() + 0.5,
-                       torch.div(pix_idx, size, rounding_mode="floor").double() + 0.5], -1)
+    px = Pixels(tri_id, all_pixels)
     # orthographic: clip coordinates with w = 1 reproduce xy exactly
-    tri_xy = xy[ft[tid]]
+    stand_in = xy.new_zeros((3, 2))  # a well-posed triangle, built without a host copy
+    stand_in[1, 0].fill_(2.0 * size)
+    stand_in[2, 1].fill_(2.0 * size)
+    tri_xy = gather_corners(xy, ft, stand_in, px.tid)
     clip = torch.cat([tri_xy[..., :1] / size * 2.0 - 1.0, 1.0 - tri_xy[..., 1:] / size * 2.0,
                       torch.zeros_like(tri_xy[..., :1]), torch.ones_like(tri_xy[..., :1])], -1)
-    bary_c, _ = perspective_barycentrics(clip, pix, size, size)
-    bary = torch.zeros((size * size, 3), dtype=torch.float64, device=vt.device)
-    bary[pix_idx] = bary_c
+    bary_c, _ = perspective_barycentrics(clip, px.centres(size, torch.float64), size, size)
+    bary = px.expand(bary_c)
     return tri_id, bary.view(size, size, 3).float()
 
 
