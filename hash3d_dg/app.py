@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hash3d_dg.cache.config import MODES
 from hash3d_dg.errors import ConfigError, UserError
 
 log = logging.getLogger("hash3d_dg.app")
@@ -37,7 +38,7 @@ log = logging.getLogger("hash3d_dg.app")
 DEFAULT_CONFIG = "image.yaml"
 DEFAULT_OUTPUT = "logs/app"
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-HASH3D_MODES = ("off", "paper", "official")
+HASH3D_MODES = MODES  # off, paper, official, fast (hash3d_dg.cache.config)
 STAGE_LABELS = {"preprocess": "preprocess", "stage1": "stage 1 (gaussians)", "mesh": "mesh (extract, unwrap, bake)",
                 "stage2": "stage 2 (mesh refine)", "export": "export (GLB, OBJ, previews)"}
 

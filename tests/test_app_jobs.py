@@ -26,7 +26,7 @@ def test_page_options_become_the_job_config(runner):
     assert cfg.stage1.num_pts == 500  # the server's own overrides still apply
     assert runner.job_config("off", 2, 2, 0, 0, True).matting == "auto"
     with pytest.raises(ConfigError):
-        runner.job_config("fast", 2, 2, 0, 0, True)
+        runner.job_config("fastest", 2, 2, 0, 0, True)
     with pytest.raises(ConfigError, match="elevation"):
         runner.job_config("paper", 2, 2, 95, 0, True)
 

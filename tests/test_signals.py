@@ -124,7 +124,7 @@ def runs(tmp_path_factory):
     plans = {
         # name: (images, overrides, wait for, signal, whole group?)
         "loading": ([BALL], [], r"\[ball\] preprocess", signal.SIGINT, False),
-        "stage1": ([BALL], ["stage1.iters=100000"], r"\[ball\] stage 1", signal.SIGTERM, False),
+        "stage1": ([BALL], ["stage1.iters=5000"], r"\[ball\] stage 1", signal.SIGTERM, False),
         "xatlas": ([BALL], ["mesh.decimate_target=5000", "mesh.resolution=48"], "xatlas-child",
                    signal.SIGINT, True),
         # The second image's stage 2 (and export right after it): the first image is finished.
@@ -167,6 +167,9 @@ def runs(tmp_path_factory):
         t.start()
     for t in threads:
         t.join(400)
+    for run, _ in started.values():  # never leave a run behind (they live in their own sessions)
+        if run.proc.poll() is None:
+            os.killpg(run.proc.pid, signal.SIGKILL)
     return outcomes
 
 

@@ -170,8 +170,8 @@ def mesh_phase_report(gaussians, elevation: float = 0.0, presets: dict | None = 
         runs = [run_preset(gaussians, elevation, overrides) for _ in range(max(1, repeat))]
         mesh, report = runs[0]  # runs are deterministic: the fidelity of the first stands for all
         best = min(runs, key=lambda r: r[1]["cpu_seconds"])[1]
-        row = {"seconds": min(r[1]["seconds"] for r in runs), "steps": best["steps"],
-               "cpu_seconds": best["cpu_seconds"], "cpu_steps": best["cpu_steps"],
+        row = {"seconds": min(r[1]["seconds"] for r in runs), "step_seconds": best["step_seconds"],
+               "cpu_seconds": best["cpu_seconds"], "step_cpu_seconds": best["step_cpu_seconds"],
                "cpu_seconds_runs": [r[1]["cpu_seconds"] for r in runs],
                "faces": report["faces"], "vertices": report["vertices"]}
         row.update(fidelity(mesh, cameras, refs))

@@ -35,6 +35,6 @@ class StepClock:
             self.cpu[name] = self.cpu.get(name, 0.0) + cpu_seconds() - c0
 
     def report(self) -> dict:
-        return {"steps": {k: round(v, 3) for k, v in self.wall.items()},
-                "cpu_steps": {k: round(v, 3) for k, v in self.cpu.items()},
+        return {"step_seconds": {k: round(v, 3) for k, v in self.wall.items()},
+                "step_cpu_seconds": {k: round(v, 3) for k, v in self.cpu.items()},
                 "cpu_seconds": round(sum(self.cpu.values()), 3)}

@@ -40,7 +40,7 @@ def extract_textured_mesh(gaussians: GaussianModel, cfg: RunConfig) -> tuple[Mes
 
     Renders use the run's backends: ``cfg.stage1.backend`` for the Gaussians and
     ``cfg.stage2.backend`` for the mesh (the resolved names, when the config came from a
-    ``RunContext``). The report holds the seconds of each step (``steps``)."""
+    ``RunContext``). The report holds the seconds of each step (``step_seconds``, ``step_cpu_seconds``)."""
     m = cfg.mesh
     check_mesh_config(m)
     start = time.perf_counter()
