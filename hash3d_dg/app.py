@@ -59,12 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def error_line(exc: BaseException, image: str | Path) -> str:
-    """The one line the CLI prints for a failed image."""
-    if isinstance(exc, UserError):
-        return f"error: {exc}"
-    first = str(exc).splitlines()[0] if str(exc) else ""
-    return f"error: internal error on {image}: {type(exc).__name__}: {first} (see the server log)"
+
+def error_line(exc: BaseException, image) -> str:
+    """The one line the CLI prints for a failed image, pointing at the server log."""
+    from hash3d_dg.pipeline import error_line as line
+
+    return line(exc, image, hint="see the server log")
 
 
 @dataclass

@@ -40,12 +40,12 @@ LOCAL_OBJECT_STORE_BYTES = 128 * 1024**2  # only small reports travel through it
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 
+
 def error_line(exc: BaseException, image) -> str:
     """The one line the CLI prints for a failed image."""
-    if isinstance(exc, UserError):
-        return f"error: {exc}"
-    first = str(exc).splitlines()[0] if str(exc) else ""
-    return f"error: internal error on {image}: {type(exc).__name__}: {first} (rerun with --debug for details)"
+    from hash3d_dg.pipeline import error_line as line
+
+    return line(exc, image)
 
 
 def stage_seconds(report: dict) -> dict:

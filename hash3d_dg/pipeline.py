@@ -20,7 +20,7 @@ import torch
 
 from hash3d_dg.atomic import save_image_atomic, write_json_atomic
 from hash3d_dg.config import TINY_MODEL, RunConfig
-from hash3d_dg.errors import ConfigError, InputError
+from hash3d_dg.errors import ConfigError, InputError, UserError
 from hash3d_dg.gaussians import load_ply, resolve_gaussian_backend, save_ply
 from hash3d_dg.mesh import export_glb, export_obj, resolve_mesh_backend
 from hash3d_dg.outputs import OutputFolder
@@ -306,6 +306,14 @@ def image_name(image: str | Path) -> str:
     return Path(image).stem.removesuffix("_rgba") or Path(image).stem
 
 
+def error_line(exc: BaseException, image: str | Path, hint: str = "rerun with --debug for details") -> str:
+    """The one line a failed image gets (the CLI, the web app and the Ray runner alike)."""
+    if isinstance(exc, UserError):
+        return f"error: {exc}"
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"error: internal error on {image}: {type(exc).__name__}: {first} ({hint})"
+
+
 def iter_images(images: list[Path], ctx: RunContext, output_root: str | Path = "logs",
                 names: list[str] | None = None, stage: str = "all", debug: bool = False):
     """Run ``run_image`` on each input in turn; yields an ``ImageResult`` per input.
@@ -329,17 +337,14 @@ def iter_images(images: list[Path], ctx: RunContext, output_root: str | Path = "
             log.info(f"[{name}] {image}")
             report = run_image(image, ctx, output_root, name=name, stage=stage)
         except UserError as exc:
-            yield ImageResult(image, name, "failed", f"error: {exc}")
+            yield ImageResult(image, name, "failed", error_line(exc, image))
             if not isinstance(exc, (InputError, DivergenceError)) or isinstance(exc, ConfigError):
                 stop_reason = f"{name} failed with a setup error that would fail this input too"
             continue
         except Exception as exc:  # noqa: BLE001 - last line of defence: one line, no traceback
             if debug:
                 raise
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            yield ImageResult(image, name, "failed",
-                              f"error: internal error on {image}: {type(exc).__name__}: {first} "
-                              "(rerun with --debug for details)")
+            yield ImageResult(image, name, "failed", error_line(exc, image))
             continue
         yield ImageResult(image, name, "ok", report=report)
 
