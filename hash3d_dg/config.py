@@ -104,6 +104,7 @@ class MeshConfig:
     # scheme because nothing outside +-1 is lost; `false` restores the fixed box
     fit_box: bool = True
     box_fill: float = 0.9
+    box_pad_sigma: float = 0.0  # > 0: bound each Gaussian by mean +- this many of its largest scale
     # clean-up after marching cubes: pymeshlab (merge close vertices, drop small components,
     # repair non-manifold edges/vertices, as DreamGaussian) | basic (trimesh: largest component)
     clean: str = "pymeshlab"
@@ -410,6 +411,7 @@ def validate(cfg: RunConfig) -> None:
         ("mesh.texture_size", m.texture_size, 8, None, False, False, " px"),
         ("mesh.bake_render_size", m.bake_render_size, 8, None, False, False, " px"),
         ("mesh.box_fill", m.box_fill, 0, 1, True, False, ""),
+        ("mesh.box_pad_sigma", m.box_pad_sigma, 0, None, False, False, ""),
         ("mesh.bake_first_cos", m.bake_first_cos, -1, 1, False, True, ""),
         ("stage2.iters", s2.iters, 0, None, False, False, ""),
         ("stage2.render_res", s2.render_res, 8, None, False, False, " px"),

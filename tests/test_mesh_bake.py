@@ -166,3 +166,14 @@ def test_pymeshlab_cleanup_keeps_a_mesh_whose_every_component_is_small():
     tiny = trimesh.creation.icosahedron()  # 20 faces, fewer than the 64-face floater limit
     v2, f2 = clean_pymeshlab(tiny.vertices, tiny.faces, min_component_faces=64)
     assert len(f2) == 20
+
+
+def test_fitted_box_padding_bounds_each_gaussian_by_its_extent():
+    means = torch.tensor([[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.5, 0.0]])
+    scales = torch.tensor([[0.1, 0.05, 0.05], [0.2, 0.1, 0.1], [0.3, 0.3, 0.3]])
+    opac = torch.tensor([1.0, 1.0, 0.001])  # the third is transparent: neither it nor its scale counts
+    centre, half = fitted_box(means, opac, fill=0.9, scales=scales, pad_sigma=3.0)
+    lo, hi = -1.0 - 0.3, 1.0 + 0.6  # x extent dominates: mean -+ 3 x largest scale
+    assert abs(half - (hi - lo) / (2 * 0.9)) < 1e-6
+    assert abs(centre[0] - 0.5 * (lo + hi)) < 1e-6
+    assert fitted_box(means, opac, fill=0.9, scales=scales, pad_sigma=0.0) == fitted_box(means, opac, fill=0.9)

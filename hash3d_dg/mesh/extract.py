@@ -41,21 +41,29 @@ def sample_density_grid(density_fn: Callable[[Tensor], Tensor], bound: float, re
 
 
 def fitted_box(means: Tensor, opacities: Tensor | None = None, fill: float = 0.9,
-               min_opacity: float = 0.005) -> tuple[tuple[float, float, float], float]:
+               min_opacity: float = 0.005, scales: Tensor | None = None,
+               pad_sigma: float = 0.0) -> tuple[tuple[float, float, float], float]:
     """DreamGaussian's normalisation as a sampling box: the centre of the means' bounding box
     (Gaussians with opacity > ``min_opacity``) and the half side ``max extent / (2 * fill)``, so
     the box maps to +-1 and the object to +-``fill`` along its longest axis.
 
+    With ``scales`` [N, 3] and ``pad_sigma > 0`` each Gaussian is bounded by its mean +- ``pad_sigma``
+    times its largest scale, so a density level set reaching past the means is not cut off.
+
     Returns ``(centre (x, y, z), half side)``.
     """
     pts = means.detach().float()
+    pad = None
+    if scales is not None and pad_sigma > 0:
+        pad = float(pad_sigma) * scales.detach().float().amax(-1, keepdim=True)
     if opacities is not None:
         keep = opacities.detach().reshape(-1) > min_opacity
         if bool(keep.any()):
             pts = pts[keep]
+            pad = pad[keep] if pad is not None else None
     if pts.shape[0] == 0:
         raise ValueError("fitted_box: no Gaussian to bound")
-    lo, hi = pts.amin(0), pts.amax(0)
+    lo, hi = (pts.amin(0), pts.amax(0)) if pad is None else ((pts - pad).amin(0), (pts + pad).amax(0))
     centre = 0.5 * (lo + hi)
     extent = float((hi - lo).amax())
     half = max(extent, 1e-6) / (2.0 * float(fill))

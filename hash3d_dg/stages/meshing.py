@@ -48,7 +48,8 @@ def extract_textured_mesh(gaussians: GaussianModel, cfg: RunConfig) -> tuple[Mes
     device = gaussians.get_means.device
     with torch.no_grad():
         if m.fit_box:
-            centre, bound = fitted_box(gaussians.get_means, gaussians.get_opacities, m.box_fill)
+            centre, bound = fitted_box(gaussians.get_means, gaussians.get_opacities, m.box_fill,
+                                       scales=gaussians.get_scales, pad_sigma=m.box_pad_sigma)
         else:
             centre, bound = (0.0, 0.0, 0.0), m.bound
         mesh = extract_mesh(gaussians.density, bound=bound, resolution=m.resolution,
