@@ -104,7 +104,7 @@ class MeshConfig:
     # scheme because nothing outside +-1 is lost; `false` restores the fixed box
     fit_box: bool = True
     box_fill: float = 0.9
-    box_pad_sigma: float = 0.0  # > 0: bound each Gaussian by mean +- this many of its largest scale
+    box_pad_sigma: float = 3.0  # bound each Gaussian by mean +- this many of its largest scale (0: means only, as DreamGaussian)
     # clean-up after marching cubes: pymeshlab (merge close vertices, drop small components,
     # repair non-manifold edges/vertices, as DreamGaussian) | basic (trimesh: largest component)
     clean: str = "pymeshlab"
