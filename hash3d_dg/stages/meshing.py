@@ -7,32 +7,14 @@ import time
 
 import torch
 
-from hash3d_dg.config import MeshConfig, RunConfig
-from hash3d_dg.errors import ConfigError
+from hash3d_dg.config import RunConfig, validate
 from hash3d_dg.gaussians import GaussianModel
 from hash3d_dg.mesh import Mesh, bake_texture, extract_mesh
-from hash3d_dg.mesh.bake import BAKE_MODES, BAKE_VIEW_SETS
+from hash3d_dg.mesh.bake import BAKE_VIEW_SETS
 from hash3d_dg.mesh.extract import fitted_box
 from hash3d_dg.mesh.timing import StepClock
 
 log = logging.getLogger(__name__)
-
-
-def check_mesh_config(m: MeshConfig) -> None:
-    """Raise ConfigError (one line) for mesh settings a type check cannot catch."""
-    checks = [
-        (m.bake_mode in BAKE_MODES, f"mesh.bake_mode must be one of {', '.join(BAKE_MODES)}"),
-        (m.bake_views in BAKE_VIEW_SETS,
-         f"mesh.bake_views must be one of {', '.join(BAKE_VIEW_SETS)}"),
-        (m.clean in ("pymeshlab", "basic"), "mesh.clean must be pymeshlab or basic"),
-        (0.0 < m.box_fill <= 1.0, "mesh.box_fill must lie in (0, 1]"),
-        (m.decimate_target >= 4, "mesh.decimate_target must be >= 4"),
-        (m.bake_render_size >= 8, "mesh.bake_render_size must be >= 8"),
-        (-1.0 <= m.bake_first_cos < 1.0, "mesh.bake_first_cos must lie in [-1, 1)"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(f"invalid config: {message}")
 
 
 def extract_textured_mesh(gaussians: GaussianModel, cfg: RunConfig) -> tuple[Mesh, dict]:
@@ -41,8 +23,8 @@ def extract_textured_mesh(gaussians: GaussianModel, cfg: RunConfig) -> tuple[Mes
     Renders use the run's backends: ``cfg.stage1.backend`` for the Gaussians and
     ``cfg.stage2.backend`` for the mesh (the resolved names, when the config came from a
     ``RunContext``). The report holds the seconds of each step (``step_seconds``, ``step_cpu_seconds``)."""
+    validate(cfg)  # the same checks a loaded config passed (callers may build one by hand)
     m = cfg.mesh
-    check_mesh_config(m)
     start = time.perf_counter()
     clock = StepClock()
     device = gaussians.get_means.device
