@@ -73,7 +73,7 @@ def build_guidance(cfg: RunConfig, device: torch.device, dtype: torch.dtype, com
 
     ``components``: an already loaded checkpoint to wrap instead of loading ``cfg.guidance.model``.
     """
-    from hash3d_dg.cache import CachedDenoiser, Hash3DCache, UNetSplit
+    from hash3d_dg.cache import CachedDenoiser, UNetSplit, make_cache
     from hash3d_dg.guidance import Zero123Guidance, load_zero123
     from hash3d_dg.guidance.loading import load_latent_vae
 
@@ -84,11 +84,12 @@ def build_guidance(cfg: RunConfig, device: torch.device, dtype: torch.dtype, com
             family = "stable" if family == "auto" else family
             model = str(tiny_model_dir(family))
         components = load_zero123(model, device=device, dtype=dtype, family=family)
-    cache = Hash3DCache(cfg.hash3d, seed=cfg.seed) if cfg.hash3d.mode != "off" else None
-    denoiser = CachedDenoiser(UNetSplit(components.unet, cfg.hash3d.cache_point), cache)
+    denoiser = CachedDenoiser(UNetSplit(components.unet, cfg.hash3d.cache_point),
+                              make_cache(cfg.hash3d, seed=cfg.seed))
     latent_vae = load_latent_vae(cfg.guidance, cfg.hash3d.mode, device, dtype)
     return Zero123Guidance(components, denoiser=denoiser, guidance_scale=cfg.guidance.guidance_scale,
-                           image_size=cfg.guidance.image_size, seed=cfg.seed, latent_vae=latent_vae)
+                           image_size=cfg.guidance.image_size, seed=cfg.seed, latent_vae=latent_vae,
+                           hash3d=cfg.hash3d)
 
 
 @dataclass
@@ -145,15 +146,7 @@ class RunContext:
         does not depend on its place in the folder."""
         guidance = self.guidance()
         if guidance is not None:
-            from hash3d_dg.cache import Hash3DCache
-
-            cfg = self.cfg
-            denoiser = guidance.denoiser
-            denoiser.cache = Hash3DCache(cfg.hash3d, seed=cfg.seed) if cfg.hash3d.mode != "off" else None
-            denoiser.reset_stats()
-            denoiser.last_shallow = []
-            guidance.generator.manual_seed(cfg.seed)
-            guidance.ref_embeddings = guidance.ref_latents = None
+            guidance.reset(self.cfg.seed)
         return guidance
 
     def describe(self) -> str:
@@ -259,8 +252,8 @@ def run_image(image_path: str | Path, ctx: RunContext, output_root: str | Path =
             log.info(f"[{name}] mesh")
             notify({"stage": "mesh"})
             mesh, report["mesh"] = extract_textured_mesh(gaussians, cfg)
-            if guidance is not None and guidance.denoiser.cache is not None:
-                guidance.denoiser.cache.clear()  # stage 2 starts with an empty table
+            if guidance is not None:
+                guidance.clear_cache()  # stage 2 starts with an empty table
             log.info(f"[{name}] stage 2: {cfg.stage2.iters} iterations")
             s2 = run_stage2(mesh, ref, cfg, guidance, progress=ctx.progress, progress_callback=progress_callback)
             mesh = s2.mesh
