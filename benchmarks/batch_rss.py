@@ -71,11 +71,11 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         for index, result in enumerate(iter_images(images, ctx, tmp / "out"), start=1):
             gc.collect()
-            cache = ctx.guidance().denoiser.cache if ctx.guidance() is not None else None
+            cache = ctx.guidance().stats()["cache"] if ctx.guidance() is not None else {}
             row = {"image": index, "status": result.status, "rss_mb": round(_status_kb("VmRSS") / 1024, 1),
                    "peak_rss_mb": round(_status_kb("VmHWM") / 1024, 1),
-                   "cache_entries": cache.stats.entries if cache is not None else 0,
-                   "cache_bytes": cache.stats.bytes if cache is not None else 0,
+                   "cache_entries": cache.get("entries", 0),
+                   "cache_bytes": cache.get("bytes", 0),
                    "seconds": round(time.perf_counter() - start, 1)}
             rows.append(row)
             print(json.dumps(row), flush=True)

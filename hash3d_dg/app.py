@@ -135,8 +135,15 @@ class JobRunner:
         return load_config(self.config, self.overrides + job)
 
     def job_name(self, photo: Path) -> str:
-        stem = photo.stem.removesuffix("_rgba") or "photo"
-        return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        """``<photo>-<time>-<id>``; a photo name that would make an unusable output name
+        (``names.check_name``) is replaced by its slug."""
+        from hash3d_dg.names import check_name, image_name, name_problem, slugify
+
+        tail = f"-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        name = image_name(photo) + tail
+        if name_problem(name, self.output_root):
+            name = slugify(image_name(photo), fallback="photo") + tail
+        return check_name(name, self.output_root)
 
     def run(self, photo: str | Path, cfg, progress_callback=None) -> JobResult:
         from hash3d_dg.cli import _summary_line

@@ -276,6 +276,7 @@ def main(args) -> int:
         if args.name:
             raise ConfigError("--name cannot be used with --ray (each image is named after its file)")
         from hash3d_dg.config import load_config
+        from hash3d_dg.names import output_names
         from hash3d_dg.preprocess import find_images
 
         overrides = overrides_from_args(args)
@@ -283,13 +284,9 @@ def main(args) -> int:
         images: list[Path] = []
         for entry in args.image:
             images += [p.resolve() for p in find_images(entry)]
-        names: dict[str, Path] = {}
-        for image in images:
-            name = image.stem.removesuffix("_rgba")
-            if name in names and names[name] != image:
-                raise ConfigError(f"two inputs would write the same output folder '{name}': {names[name]} and {image}")
-            names[name] = image
         output_root = Path(args.output).resolve()
+        # Checked before Ray starts: usable names, no two files sharing one (a file given twice runs once).
+        names: dict[str, Path] = dict(zip(output_names(images, output_root, reserved=(REPORT_NAME,)), images))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         with _SignalGuard():
             try:
                 from hash3d_dg.config import load_config
+                from hash3d_dg.names import check_name, output_names
                 from hash3d_dg.preprocess import find_images
 
                 image_words, extra = split_image_words(args.image)
@@ -265,11 +266,15 @@ def main(argv: list[str] | None = None) -> int:
                 images: list[Path] = []
                 for item in image_words:
                     images += find_images(item)
-                if args.name and len(images) > 1:
+                if args.name is not None and len(images) > 1:
                     raise ConfigError("--name needs a single input image")
+                if args.name is not None:  # checked before the output root is made
+                    names = [check_name(args.name, args.output, what="--name", fix="pass another --name")]
+                else:
+                    names = output_names(images, args.output)
                 _check_output_root(Path(args.output))
                 quiet_model_libraries(args.debug)
-                from hash3d_dg.pipeline import RunContext, image_name, iter_images
+                from hash3d_dg.pipeline import RunContext, iter_images
 
                 ctx = RunContext.create(cfg, progress=not args.quiet)
             except UserError as exc:
@@ -277,7 +282,6 @@ def main(argv: list[str] | None = None) -> int:
                 return EXIT_USER_ERROR
 
             log.info(ctx.describe())
-            names = [args.name or image_name(image) for image in images]
             results = []
             started = time.perf_counter()
             current = names[0]

@@ -29,6 +29,10 @@ class ConfigError(UserError):
     """A setting or configuration value is invalid."""
 
 
+class OutputError(UserError):
+    """A result cannot be written to, or committed in, its output folder (an OS error there)."""
+
+
 class DivergenceError(UserError):
     """The optimisation produced a non-finite loss, render or gradient (the run stops there)."""
 

@@ -7,6 +7,8 @@ folder is removed afterwards. So ``<root>/<name>/`` always holds one complete re
 of files of two runs), a failed or interrupted run leaves nothing behind and an earlier result
 intact, and of two concurrent runs of one name the one that commits last wins whole: commits of
 one root are serialised by an advisory lock on the root folder itself (no lock file is left).
+The name is checked first (``names.check_name``); an OS error while committing removes the
+staging folder, leaves the earlier result in place and raises ``OutputError`` (one line).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+
+from hash3d_dg.errors import OutputError
+from hash3d_dg.names import check_name
 
 try:
     import fcntl
@@ -73,19 +78,24 @@ def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
 
 
 class OutputFolder:
     def __init__(self, root: str | os.PathLike, name: str) -> None:
         self.root = Path(root)
-        self.name = name
+        self.name = check_name(name, root)
         self.final = self.root / name
         self.staging = self.root / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
         self.committed = False
 
     def __enter__(self) -> "OutputFolder":
-        self.staging.mkdir(parents=True, exist_ok=False)
+        try:
+            self.staging.mkdir(parents=True, exist_ok=False)
+        except OSError as exc:
+            raise OutputError(f"cannot create a staging folder in {self.root} ({exc.strerror or exc}): "
+                              "pass a writable output folder") from None
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -101,23 +111,44 @@ class OutputFolder:
         return self.final / filename
 
     def commit(self) -> dict[str, Path]:
-        """Put the staged folder in the final folder's place; returns {filename: final path}."""
-        names = sorted(item.name for item in self.staging.iterdir())
-        with locked_folder(self.root):
-            if os.path.lexists(self.final):
-                if exchange(self.staging, self.final):
-                    old = self.staging  # now holds the previous result
+        """Put the staged folder in the final folder's place; returns {filename: final path}.
+
+        Any OS error on the way removes the staging folder, leaves the earlier result (if any) at
+        the final path and raises ``OutputError`` naming the output folder."""
+        old = None
+        try:
+            with locked_folder(self.root):
+                if os.path.lexists(self.final):
+                    if exchange(self.staging, self.final):
+                        old = self.staging  # now holds the previous result
+                    else:
+                        old = self.root / f".{self.name}.old-{uuid.uuid4().hex[:8]}"
+                        os.rename(self.final, old)
+                        try:
+                            os.rename(self.staging, self.final)
+                        except OSError:
+                            self._restore(old)
+                            raise
                 else:
-                    old = self.root / f".{self.name}.old-{uuid.uuid4().hex[:8]}"
-                    os.rename(self.final, old)
                     os.rename(self.staging, self.final)
-            else:
-                os.rename(self.staging, self.final)
-                old = None
-            self.committed = True
-            if old is not None:
-                _remove(old)
+                self.committed = True
+                names = sorted(item.name for item in self.final.iterdir())
+                if old is not None:
+                    _remove(old)
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"cannot commit the result to {self.final} ({exc.strerror or exc}): nothing was "
+                              "written there; any earlier result is untouched") from None
         return {name: self.final / name for name in names}
+
+    def _restore(self, old: Path) -> None:
+        """Put the earlier result moved to ``old`` back at the final path."""
+        try:
+            os.rename(old, self.final)
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"cannot commit the result to {self.final} ({exc.strerror or exc}): the earlier "
+                              f"result is kept in {old}") from None
 
     def abort(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)

@@ -23,6 +23,7 @@ from hash3d_dg.config import TINY_MODEL, RunConfig
 from hash3d_dg.errors import ConfigError, InputError, UserError
 from hash3d_dg.gaussians import load_ply, resolve_gaussian_backend, save_ply
 from hash3d_dg.mesh import export_glb, export_obj, resolve_mesh_backend
+from hash3d_dg.names import image_name
 from hash3d_dg.outputs import OutputFolder
 from hash3d_dg.preprocess import PreparedImage, load_image, prepare_image
 from hash3d_dg.previews import PREVIEW_ELEVATION, contact_sheet, render_views, write_turntable
@@ -73,7 +74,7 @@ def build_guidance(cfg: RunConfig, device: torch.device, dtype: torch.dtype, com
 
     ``components``: an already loaded checkpoint to wrap instead of loading ``cfg.guidance.model``.
     """
-    from hash3d_dg.cache import CachedDenoiser, Hash3DCache, UNetSplit
+    from hash3d_dg.cache import CachedDenoiser, UNetSplit, make_cache
     from hash3d_dg.guidance import Zero123Guidance, load_zero123
     from hash3d_dg.guidance.loading import load_latent_vae
 
@@ -84,11 +85,12 @@ def build_guidance(cfg: RunConfig, device: torch.device, dtype: torch.dtype, com
             family = "stable" if family == "auto" else family
             model = str(tiny_model_dir(family))
         components = load_zero123(model, device=device, dtype=dtype, family=family)
-    cache = Hash3DCache(cfg.hash3d, seed=cfg.seed) if cfg.hash3d.mode != "off" else None
-    denoiser = CachedDenoiser(UNetSplit(components.unet, cfg.hash3d.cache_point), cache)
+    denoiser = CachedDenoiser(UNetSplit(components.unet, cfg.hash3d.cache_point),
+                              make_cache(cfg.hash3d, seed=cfg.seed))
     latent_vae = load_latent_vae(cfg.guidance, cfg.hash3d.mode, device, dtype)
     return Zero123Guidance(components, denoiser=denoiser, guidance_scale=cfg.guidance.guidance_scale,
-                           image_size=cfg.guidance.image_size, seed=cfg.seed, latent_vae=latent_vae)
+                           image_size=cfg.guidance.image_size, seed=cfg.seed, latent_vae=latent_vae,
+                           hash3d=cfg.hash3d)
 
 
 @dataclass
@@ -145,15 +147,7 @@ class RunContext:
         does not depend on its place in the folder."""
         guidance = self.guidance()
         if guidance is not None:
-            from hash3d_dg.cache import Hash3DCache
-
-            cfg = self.cfg
-            denoiser = guidance.denoiser
-            denoiser.cache = Hash3DCache(cfg.hash3d, seed=cfg.seed) if cfg.hash3d.mode != "off" else None
-            denoiser.reset_stats()
-            denoiser.last_shallow = []
-            guidance.generator.manual_seed(cfg.seed)
-            guidance.ref_embeddings = guidance.ref_latents = None
+            guidance.reset(self.cfg.seed)
         return guidance
 
     def describe(self) -> str:
@@ -214,7 +208,7 @@ def run_image(image_path: str | Path, ctx: RunContext, output_root: str | Path =
     notify = progress_callback or (lambda event: None)
     cfg = ctx.cfg
     image_path = Path(image_path)
-    name = name or image_path.stem.removesuffix("_rgba")
+    name = name or image_name(image_path)
     t_start = time.perf_counter()
     report: dict = {"name": name, "input": str(image_path), "stage": stage,
                     "config": cfg.to_dict(), "device": str(ctx.device),
@@ -259,8 +253,8 @@ def run_image(image_path: str | Path, ctx: RunContext, output_root: str | Path =
             log.info(f"[{name}] mesh")
             notify({"stage": "mesh"})
             mesh, report["mesh"] = extract_textured_mesh(gaussians, cfg)
-            if guidance is not None and guidance.denoiser.cache is not None:
-                guidance.denoiser.cache.clear()  # stage 2 starts with an empty table
+            if guidance is not None:
+                guidance.clear_cache()  # stage 2 starts with an empty table
             log.info(f"[{name}] stage 2: {cfg.stage2.iters} iterations")
             s2 = run_stage2(mesh, ref, cfg, guidance, progress=ctx.progress, progress_callback=progress_callback)
             mesh = s2.mesh
@@ -301,11 +295,6 @@ class ImageResult:
     report: dict | None = field(default=None, repr=False)
 
 
-def image_name(image: str | Path) -> str:
-    """Output name of an input: its file stem without a trailing ``_rgba``."""
-    return Path(image).stem.removesuffix("_rgba") or Path(image).stem
-
-
 def error_line(exc: BaseException, image: str | Path, hint: str = "rerun with --debug for details") -> str:
     """The one line a failed image gets (the CLI, the web app and the Ray runner alike)."""
     if isinstance(exc, UserError):
@@ -324,9 +313,11 @@ def iter_images(images: list[Path], ctx: RunContext, output_root: str | Path = "
     with a one-line message (re-raised when ``debug``). An interrupt (``KeyboardInterrupt``,
     ``RunInterrupted``) propagates: the inputs yielded so far are complete on disk.
     """
-    from hash3d_dg.errors import DivergenceError, UserError
+    from hash3d_dg.errors import DivergenceError, OutputError, UserError
+    from hash3d_dg.names import check_name, output_names
 
-    names = names or [image_name(i) for i in images]
+    # Every name checked before any work (a bad or shared name fails the call, not one input).
+    names = [check_name(n, output_root) for n in names] if names else output_names(images, output_root)
     stop_reason = ""
     for image, name in zip(images, names):
         image = Path(image)
@@ -338,7 +329,7 @@ def iter_images(images: list[Path], ctx: RunContext, output_root: str | Path = "
             report = run_image(image, ctx, output_root, name=name, stage=stage)
         except UserError as exc:
             yield ImageResult(image, name, "failed", error_line(exc, image))
-            if not isinstance(exc, (InputError, DivergenceError)) or isinstance(exc, ConfigError):
+            if not isinstance(exc, (InputError, DivergenceError, OutputError)) or isinstance(exc, ConfigError):
                 stop_reason = f"{name} failed with a setup error that would fail this input too"
             continue
         except Exception as exc:  # noqa: BLE001 - last line of defence: one line, no traceback

@@ -52,3 +52,14 @@ def test_hash3d_dg_app_subcommand_reaches_the_app(capsys):
     assert cli.main(["app", "--config", "no-such-config.yaml"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: config file") and "\n" not in err
+
+
+@pytest.mark.parametrize("photo, start", [("ball.png", "ball-"), ("café ü_rgba.png", "café ü-"), ("写真.webp", "写真-"),
+                                          ("-rf.png", "rf-"), (".hidden.png", "hidden-"), ("a\nb.png", "a-b-"),
+                                          ("x" * 240 + ".png", "x" * 64 + "-"), ("???\t.png", "photo-")])
+def test_job_names_are_usable_output_names(runner, photo, start, tmp_path):
+    from hash3d_dg.names import name_problem
+
+    name = runner.job_name(tmp_path / photo)
+    assert name.startswith(start) and name_problem(name, runner.output_root) is None, name
+    assert len(name) == len(start) + len("20250101-120000-abcdef")

@@ -199,6 +199,7 @@ HEAVY = ("diffusers", "transformers", "trimesh")
     (["--help"], 0),
     (["--image", "data/ball.png", "stage1.iters=-3"], 2),
     (["--image", "data/ball.png", "--config", "no-such-config"], 2),
+    (["--image", "data/ball.png", "--name", "../escape", "--output", "logs/never-made"], 2),
 ])
 def test_help_and_config_errors_import_no_model_library(argv, code):
     script = ("import json, sys\nfrom hash3d_dg.cli import main\n"
@@ -300,3 +301,57 @@ def test_a_setup_error_in_a_folder_marks_the_rest_not_run(tmp_path, capfd, monke
     assert [row.split()[1] for row in rows] == ["failed", "not"]  # "not run"
     assert "a failed with a setup error" in rows[1]
     assert not (tmp_path / "logs" / "a").exists() and not (tmp_path / "logs" / "b").exists()
+
+
+# ------------------------------------------------------------------ output names (issue 20)
+
+BAD_NAMES = {"escape": "../escape", "absolute": None, "slash": "a/b", "empty": "", "dot": ".", "dot dot": "..",
+             "backslash": "a\\b", "NUL": "a\x00b", "newline": "a\nb", "hidden": ".a", "option": "-x",
+             "too long": "x" * 250}
+
+
+@pytest.mark.parametrize("case", list(BAD_NAMES))
+def test_bad_name_exits_2_before_any_work_and_writes_nothing(case, tmp_path, capfd):
+    name = BAD_NAMES[case] if BAD_NAMES[case] is not None else str(tmp_path / "abs")
+    out = tmp_path / "logs"
+    earlier = out / "sample"
+    earlier.mkdir(parents=True)
+    (earlier / "sample.glb").write_bytes(b"an earlier result")
+    before = tree(tmp_path)
+    for root in (out, tmp_path / "fresh"):  # an existing output root, and one not made yet
+        code = main(["--image", str(sample_image()), "--config", SMOKE, "--output", str(root), f"--name={name}",
+                     "--quiet"])
+        err = capfd.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1, err
+        assert lines[0].startswith("error: --name '") and "cannot be used" in lines[0], err
+        assert "(pass another --name)" in lines[0] and "Traceback" not in err
+        assert tree(tmp_path) == before, "nothing may be written, beside the output root or in it"
+
+
+def test_folder_with_two_inputs_of_one_name_is_refused_before_work(tmp_path, capfd):
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for fname in ("a.png", "a.jpg", "b.png"):
+        (folder / fname).write_bytes(sample_image().read_bytes())
+    out = tmp_path / "logs"
+    code = main(["--image", str(folder), "--config", SMOKE, "--output", str(out), "--quiet"])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "two inputs would write the same output folder 'a'" in err[0]
+    assert str(folder / "a.jpg") in err[0] and str(folder / "a.png") in err[0]
+    assert not out.exists()
+
+
+def test_folder_with_an_unusable_file_name_is_refused_naming_the_file(tmp_path, capfd):
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for fname in ("-x.png", "ok.png"):
+        (folder / fname).write_bytes(sample_image().read_bytes())
+    out = tmp_path / "logs"
+    code = main(["--image", str(folder), "--config", SMOKE, "--output", str(out), "--quiet"])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: input {folder / '-x.png'}: output name '-x' cannot be used: it starts with '-'")
+    assert err[0].endswith("(rename the file)")
+    assert not out.exists()

@@ -166,7 +166,7 @@ def test_sds_loss_and_gradients(components, reference):
     for module in modules:
         for p in module.parameters():
             assert not p.requires_grad and p.grad is None
-    assert guidance.stats == {"unet_full_calls": 2, "unet_shallow_calls": 0}
+    assert guidance.stats()["unet"] == {"full_calls": 2, "shallow_calls": 0}
 
 
 @pytest.mark.parametrize("scale", [5.0, 1.0])
@@ -203,13 +203,13 @@ def test_sds_reproducible(components, reference):
 def test_refine(components, reference):
     guidance = make_guidance(components, reference)
     images = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(5))
-    before = guidance.stats["unet_full_calls"]
+    before = guidance.stats()["unet"]["full_calls"]
     out = guidance.refine(images, [0.0, 10.0], [30.0, -60.0], [0.0, 0.0], strength=0.8, steps=50)
     assert out.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE) and out.dtype == torch.float32
     assert torch.isfinite(out).all() and out.min() >= 0.0 and out.max() <= 1.0
-    assert guidance.stats["unet_full_calls"] - before == 10 * 2  # 10 DDIM steps per view
+    assert guidance.stats()["unet"]["full_calls"] - before == 10 * 2  # 10 DDIM steps per view
     guidance.refine(images[:1], [0.0], [30.0], [0.0], strength=0.95, steps=50)
-    assert guidance.stats["unet_full_calls"] - before == 10 * 2 + 3
+    assert guidance.stats()["unet"]["full_calls"] - before == 10 * 2 + 3
     # The SDS scheduler is untouched by refine.
     assert guidance.scheduler.num_inference_steps is None
 
@@ -241,12 +241,12 @@ def test_keys_and_queries_reach_the_cache(components, reference):
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
     views = ([5.0, -20.0], [40.0, 200.0], [0.0, 0.1])
     guidance.sds(images, *views, step_ratio=0.3)  # empty cache: both views run fully, inserted
-    assert guidance.stats == {"unet_full_calls": 2, "unet_shallow_calls": 0}
+    assert guidance.stats()["unet"] == {"full_calls": 2, "shallow_calls": 0}
     entries = [e for _, _, q in cache.tables[0].cells() for e in q.entries]
     assert {e.key for e in entries} == {CacheKey(40.0, 5.0, 0.0, 700.0), CacheKey(200.0, -20.0, 0.1, 700.0)}
     assert all(e.query.shape == (4, IMAGE_SIZE // 8, IMAGE_SIZE // 8) for e in entries)  # noisy latents
     loss = guidance.sds(images, *views, step_ratio=0.3)  # same cells: served from the cache
-    assert guidance.stats == {"unet_full_calls": 2, "unet_shallow_calls": 2}
+    assert guidance.stats()["unet"] == {"full_calls": 2, "shallow_calls": 2}
     assert torch.isfinite(loss)
 
 
@@ -264,3 +264,36 @@ def test_sds_and_refine_fp16_cuda(tmp_path, reference):
     out = guidance.refine(images.detach(), [0.0, 10.0], [30.0, -90.0], [0.0, 0.0])
     assert out.dtype == torch.float32 and out.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert torch.isfinite(out).all()
+
+
+def test_guidance_interface_and_reset_equal_a_fresh_guidance(components, reference):
+    """Zero123Guidance implements the guidance interface; ``reset(seed)`` empties the table,
+    zeroes the counters, reseeds the generator and drops the reference, so the next SDS and
+    refine equal those of a freshly built guidance of that seed."""
+    from hash3d_dg.guidance.base import Guidance
+
+    cfg = Hash3DConfig.preset("paper", eta=1.0)
+
+    def fresh(seed):
+        g = Zero123Guidance(components, denoiser=CachedDenoiser(UNetSplit(components.unet), Hash3DCache(cfg, seed=seed)),
+                            image_size=IMAGE_SIZE, seed=seed, hash3d=cfg)
+        g.set_reference(reference, -10.0)
+        return g
+
+    def work(g):
+        images = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(5))
+        loss = g.sds(images, [5.0, -5.0], [30.0, 90.0], [0.0, 0.0], step_ratio=None)
+        refined = g.refine(images[:1], [5.0], [30.0], [0.0], strength=0.8, steps=20)
+        return loss.detach(), refined
+
+    used = fresh(3)
+    assert isinstance(used, Guidance)
+    work(used)
+    work(used)  # the table now holds entries, the generator has moved on
+    assert used.stats()["cache"]["entries"] > 0
+    used.reset(7)
+    assert used.ref_latents is None and used.stats()["cache"]["entries"] == 0
+    assert used.stats()["unet"] == {"full_calls": 0, "shallow_calls": 0}
+    used.set_reference(reference, -10.0)
+    a, b = work(used), work(fresh(7))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

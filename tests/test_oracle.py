@@ -121,7 +121,7 @@ def test_sds_gradient_is_the_analytic_pull_toward_the_truth(scene, alphas):
     # d/d images = 2 * s * g
     expected = 2 * 0.5 * math.sqrt(ab * (1 - ab)) * (x - x0)
     assert torch.allclose(images.grad, expected, atol=1e-4)
-    assert guidance.stats == {"unet_full_calls": 1, "unet_shallow_calls": 0}
+    assert guidance.stats()["unet"] == {"full_calls": 1, "shallow_calls": 0}
 
 
 def test_refine_pulls_any_render_to_the_truth(scene, alphas):
@@ -134,7 +134,7 @@ def test_refine_pulls_any_render_to_the_truth(scene, alphas):
     err_in = float(((grey - truth) ** 2).mean())
     err_out = float(((refined - truth) ** 2).mean())
     assert err_out < err_in / 30
-    assert guidance.stats["unet_full_calls"] == 10  # 50 * (1 - 0.8) DDIM steps, one view
+    assert guidance.stats()["unet"]["full_calls"] == 10  # 50 * (1 - 0.8) DDIM steps, one view
 
 
 def test_short_run_reports_finite_numbers_and_counts_hits(scene):

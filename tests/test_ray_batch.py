@@ -153,3 +153,21 @@ def test_rerun_skips_done_images_and_fails_an_image_whose_worker_dies_twice(firs
     assert [k[0] for k in killer.killed] == ["bad", "bad"] and killer.killed[0][1] != killer.killed[1][1]
     assert bad["status"] == "failed" and bad["attempts"] == 2
     assert bad["error"].startswith("error: the worker died on") and "\n" not in bad["error"]
+
+
+@pytest.mark.parametrize("files, expected", [
+    (("ball.png", "ball.jpg"), "two inputs would write the same output folder 'ball'"),
+    (("ball.png", "-x.png"), "output name '-x' cannot be used: it starts with '-'"),
+    (("batch_report.json.png",), "it is the name of a file this run writes in the output root"),
+])
+def test_unusable_or_shared_names_are_refused_before_ray_starts(files, expected, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for fname in files:
+        shutil.copy(REPO / "data" / "ball.png", images / fname)
+    output = tmp_path / "out"
+    rc = cli.main(["--image", str(images), "--config", "configs/smoke.yaml", "--output", str(output),
+                   "--ray", "--ray-workers", "2"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1 and expected in err[0], err
+    assert not output.exists()

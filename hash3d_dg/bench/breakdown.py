@@ -207,8 +207,7 @@ def cpu_seconds(mode: str, iters: int = 60, iters_refine: int = 5, size: int = 6
             parts["other"] = max(0.0, parts["other"] - parts["marching_cubes"])
         out.update({f"mesh.{k}": v for k, v in parts.items()})
 
-        if guidance.denoiser.cache is not None:
-            guidance.denoiser.cache.clear()
+        guidance.clear_cache()
         s2, stats, t = _profile(run_stage2, mesh, ref, cfg, guidance, progress=False)
         out.update({f"stage2.{k}": v for k, v in _seconds_of(stats, {
             "render": (("render_supersampled", "stages"),),

@@ -108,8 +108,7 @@ def run_stages(cfg: RunConfig, guidance, ref, mesh) -> dict:
 
     start = time.perf_counter()
     s1 = run_stage1(ref, cfg, guidance, progress=False)
-    if guidance.denoiser.cache is not None:
-        guidance.denoiser.cache.clear()
+    guidance.clear_cache()
     s2 = run_stage2(mesh, ref, cfg, guidance, progress=False)
     return {"stage1": s1.report, "stage2": s2.report, "seconds": time.perf_counter() - start}
 

@@ -17,7 +17,7 @@ and implements the cache's ``SplitDenoiser`` protocol exactly as the UNet wrappe
 Wrapped by ``CachedDenoiser`` with a ``Hash3DCache``, a reused feature is a *neighbouring view's*
 x0 (blended by Eq. 6), so the cache costs quality exactly as a stale deep feature would.
 
-``OracleGuidance`` has the face the stages use (``sds``, ``refine``, ``denoiser``):
+``OracleGuidance`` implements the guidance interface (``guidance/base.py``) in pixel space:
 
 * SDS in pixel space: x = 2 * render - 1 at the guidance resolution; t annealed as
   ``round((1 - step_ratio) * 1000)`` clipped to [20, 980]; ``x_t = sqrt(ab) x + sqrt(1-ab) eps``;
@@ -63,6 +63,7 @@ from hash3d_dg.bench.oracle_scene import OracleScene, render_mesh_rgba
 from hash3d_dg.cache import CachedDenoiser, CacheKey, Hash3DConfig, make_cache
 from hash3d_dg.camera import Camera
 from hash3d_dg.config import RunConfig, build_config
+from hash3d_dg.guidance.base import ScoreDistillation
 
 log = logging.getLogger(__name__)
 
@@ -172,45 +173,35 @@ class OracleDenoiser:
         return eps.to(sample.dtype)
 
 
-class OracleGuidance:
-    """Zero123Guidance's face (``sds``, ``refine``, ``denoiser``) over an ``OracleDenoiser``.
+class OracleGuidance(ScoreDistillation):
+    """The guidance interface (``ScoreDistillation``) over an ``OracleDenoiser``, in pixel space.
 
     Args:
         denoiser: a ``CachedDenoiser`` wrapping an ``OracleDenoiser``.
         sds_scale: multiplies the SDS loss (see the module docstring).
         min_step_ratio, max_step_ratio: SDS timestep range (0.02, 0.98 -> [20, 980]).
         seed: seed of the guidance's generator (noise draws).
+        hash3d: the run's ``Hash3DConfig`` (``reset``'s table, the stage-2 reuse policy); None:
+            the denoiser's table's own config.
     """
 
     def __init__(self, denoiser: CachedDenoiser, sds_scale: float = DEFAULT_SDS_SCALE,
-                 min_step_ratio: float = 0.02, max_step_ratio: float = 0.98, seed: int = 0):
-        self.denoiser = denoiser
+                 min_step_ratio: float = 0.02, max_step_ratio: float = 0.98, seed: int = 0,
+                 hash3d: Hash3DConfig | None = None):
         self.oracle: OracleDenoiser = denoiser.model
         self.image_size = self.oracle.image_size
-        self.sds_scale = float(sds_scale)
         self.scheduler = DDIMScheduler.from_config(SCHEDULER_CONFIG)
-        self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
         self.alphas_cumprod = self.scheduler.alphas_cumprod.float()
-        self.min_step = int(self.num_train_timesteps * min_step_ratio)
-        self.max_step = int(self.num_train_timesteps * max_step_ratio)
-        self.generator = torch.Generator().manual_seed(int(seed))
+        if hash3d is None and denoiser.cache is not None:
+            hash3d = denoiser.cache.cfg
+        super().__init__(denoiser, self.alphas_cumprod, min_step_ratio, max_step_ratio, seed=seed,
+                         hash3d=hash3d, sds_scale=sds_scale)
 
-    @property
-    def stats(self) -> dict:
-        s = self.denoiser.stats
-        return {"unet_full_calls": int(s.full_calls), "unet_shallow_calls": int(s.shallow_calls)}
-
-    def set_reference(self, image: torch.Tensor, elevation: float) -> None:
+    def set_reference(self, image: torch.Tensor | None, elevation: float) -> None:
         """The oracle knows the object; only the reference elevation matters (cameras are relative)."""
         self.oracle.reference_elevation = float(elevation)
 
-    def timestep_for(self, step_ratio: float | None) -> int:
-        if step_ratio is None:
-            return int(torch.randint(self.min_step, self.max_step + 1, (1,), generator=self.generator))
-        t = round((1.0 - float(step_ratio)) * self.num_train_timesteps)
-        return int(min(max(t, self.min_step), self.max_step))
-
-    def _to_pixels(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [0, 1] -> [B, 3, S, S] in [-1, 1] (bilinear, differentiable)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
@@ -219,46 +210,32 @@ class OracleGuidance:
             x = F.interpolate(x, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
         return x * 2.0 - 1.0
 
-    def _predict(self, x_t: torch.Tensor, t: int, d_elevation, d_azimuth, d_radius) -> torch.Tensor:
-        batch = x_t.shape[0]
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def condition(self, d_elevation: FloatSeq, d_azimuth: FloatSeq, d_radius: FloatSeq, batch: int):
         el = _floats(d_elevation, "d_elevation", batch)
         az = _floats(d_azimuth, "d_azimuth", batch)
         rad = _floats(d_radius, "d_radius", batch)
-        context = OracleDenoiser.context_for(el, az, rad)
-        keys = [CacheKey(azimuth=a, elevation=e, radius=r, timestep=float(t)) for a, e, r in zip(az, el, rad)]
-        t_in = torch.full((batch,), int(t), dtype=torch.long)
+        return OracleDenoiser.context_for(el, az, rad), list(zip(az, el, rad))
+
+    def predict(self, x_t: torch.Tensor, t: int, condition) -> torch.Tensor:
+        context, cameras = condition
+        keys = [CacheKey(azimuth=a, elevation=e, radius=r, timestep=float(t)) for a, e, r in cameras]
+        t_in = torch.full((x_t.shape[0],), int(t), dtype=torch.long)
         return self.denoiser(x_t, t_in, context, keys=keys, query=x_t).float()
 
-    def sds(self, images: torch.Tensor, d_elevation: FloatSeq, d_azimuth: FloatSeq,
-            d_radius: FloatSeq, step_ratio: float | None = None) -> torch.Tensor:
-        """Pixel-space score distillation of rendered views ``[B, 3, H, W]`` (with grad) -> scalar."""
-        x = self._to_pixels(images)
-        t = self.timestep_for(step_ratio)
-        with torch.no_grad():
-            noise = torch.randn(x.shape, generator=self.generator).to(x.device)
-            ab = float(self.alphas_cumprod[t])
-            x_t = math.sqrt(ab) * x.detach() + math.sqrt(1.0 - ab) * noise
-            eps = self._predict(x_t, t, d_elevation, d_azimuth, d_radius)
-            grad = torch.nan_to_num((1.0 - ab) * (eps - noise))
-            target = x.detach() - grad
-        return self.sds_scale * 0.5 * F.mse_loss(x, target, reduction="sum")
+    def add_noise(self, x: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
+        ab = float(self.alphas_cumprod[t])
+        return math.sqrt(ab) * x + math.sqrt(1.0 - ab) * noise
 
-    @torch.no_grad()
-    def refine(self, images: torch.Tensor, d_elevation: FloatSeq, d_azimuth: FloatSeq,
-               d_radius: FloatSeq, strength: float = 0.8, steps: int = 50) -> torch.Tensor:
-        """Pixel-space DDIM img2img -> ``[B, 3, S, S]`` in [0, 1] (strength: larger = less noise)."""
-        if not 0.0 <= strength < 1.0:
-            raise ValueError(f"strength must be in [0, 1), got {strength}")
+    def sds_weight(self, t: int) -> float:
+        return 1.0 - float(self.alphas_cumprod[t])
+
+    def make_refine_scheduler(self, steps: int) -> DDIMScheduler:
         scheduler = DDIMScheduler.from_config(SCHEDULER_CONFIG)
         scheduler.set_timesteps(int(steps))
-        timesteps = scheduler.timesteps[int(steps * strength):]
-        x = self._to_pixels(images)
-        noise = torch.randn(x.shape, generator=self.generator).to(x.device)
-        x = scheduler.add_noise(x, noise, timesteps[:1].expand(x.shape[0]))
-        for t in timesteps:
-            eps = self._predict(x, int(t), d_elevation, d_azimuth, d_radius)
-            x = scheduler.step(eps, t, x).prev_sample.float()
-        return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+        return scheduler
 
 
 # ---------------------------------------------------------------------------------- the run
@@ -331,13 +308,13 @@ def run_oracle_once(scene: OracleScene, hash3d: Hash3DConfig, settings: dict, it
     oracle = OracleDenoiser(scene, scheduler.alphas_cumprod, cfg.guidance.image_size, cfg.elevation,
                             cfg.radius, cfg.fovy)
     denoiser = CachedDenoiser(oracle, make_cache(cfg.hash3d, seed=seed))
-    guidance = OracleGuidance(denoiser, sds_scale=float(settings["sds_scale"]), seed=seed)
+    guidance = OracleGuidance(denoiser, sds_scale=float(settings["sds_scale"]), seed=seed,
+                              hash3d=cfg.hash3d)
     guidance.set_reference(ref.image_nchw(), cfg.elevation)
 
     s1 = run_stage1(ref, cfg, guidance, progress=progress)
     mesh, mesh_report = extract_textured_mesh(s1.gaussians, cfg)
-    if denoiser.cache is not None:
-        denoiser.cache.clear()  # stage 2 starts with an empty table, as in the pipeline
+    guidance.clear_cache()  # stage 2 starts with an empty table, as in the pipeline
     s2 = run_stage2(mesh, ref, cfg, guidance, progress=progress)
     seconds = time.perf_counter() - start
 

@@ -12,6 +12,7 @@ import torch
 
 from hash3d_dg.bench.harness import (bench_config, describe_machine, run_stages, sample_reference,
                                      sized_guidance, standin_mesh)
+from hash3d_dg.cache import UNetSplit
 
 MODES = ("off", "paper", "official", "fast")
 
@@ -41,8 +42,8 @@ class _Timed:
 def unet_call_seconds(guidance, repeats: int = 10) -> dict:
     """Median seconds of one full and one shallow UNet call (a CFG pair), interleaved in one loop
     so both see the same machine load."""
-    split = guidance.denoiser.model
     unet = guidance.components.unet
+    split = UNetSplit(unet, guidance.hash3d.cache_point if guidance.hash3d is not None else "paper")
     latent = guidance.image_size // 8
     device, dtype = torch.device(guidance.device), unet.dtype
     sample = torch.randn(2, unet.config.in_channels, latent, latent, device=device, dtype=dtype)

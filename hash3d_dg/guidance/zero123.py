@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -34,11 +33,10 @@ from diffusers import DDIMScheduler
 from PIL import Image
 
 from hash3d_dg.cache import CachedDenoiser, CacheKey, UNetSplit
+from hash3d_dg.guidance.base import FloatSeq, ScoreDistillation
 from hash3d_dg.guidance.loading import Zero123Components
 
 logger = logging.getLogger(__name__)
-
-FloatSeq = Sequence[float] | torch.Tensor | np.ndarray
 
 
 def _as_float64(values: FloatSeq, name: str, batch: int | None = None) -> torch.Tensor:
@@ -51,8 +49,12 @@ def _as_float64(values: FloatSeq, name: str, batch: int | None = None) -> torch.
     return out
 
 
-class Zero123Guidance:
+class Zero123Guidance(ScoreDistillation):
     """Zero-1-to-3 score distillation and img2img refine through a (cached) denoiser.
+
+    The shared score-distillation core (timesteps, noise, w(t), the SDS loss, the DDIM refine
+    loop, ``reset`` and ``stats``) is ``ScoreDistillation``'s; this class supplies the SD-VAE
+    latent space and the classifier-free-guided Zero-1-to-3 call.
 
     Args:
         components: the loaded checkpoint (``load_zero123``).
@@ -67,6 +69,8 @@ class Zero123Guidance:
             of rendered views: the SDS encoding (stage 1) and the refine encode/decode (stage 2).
             None uses the checkpoint's own VAE. The reference latent that conditions the UNet
             always comes from the checkpoint's own VAE.
+        hash3d: the run's ``Hash3DConfig`` (the table ``reset`` builds, the stage-2 reuse
+            policy); None: the denoiser's table's own config.
     """
 
     def __init__(
@@ -79,10 +83,11 @@ class Zero123Guidance:
         max_step_ratio: float = 0.98,
         seed: int = 0,
         latent_vae: torch.nn.Module | None = None,
+        hash3d=None,
     ) -> None:
         self.components = components
         self.latent_vae = latent_vae
-        self.denoiser = denoiser if denoiser is not None else CachedDenoiser(UNetSplit(components.unet), cache=None)
+        denoiser = denoiser if denoiser is not None else CachedDenoiser(UNetSplit(components.unet), cache=None)
         self.guidance_scale = float(guidance_scale)
         self.image_size = int(image_size)
         self.device = components.device
@@ -90,15 +95,12 @@ class Zero123Guidance:
         # SDS uses its own copy of the scheduler (only for add_noise / alphas); refine another.
         self.scheduler = DDIMScheduler.from_config(components.scheduler.config)
         self.refine_scheduler = DDIMScheduler.from_config(components.scheduler.config)
-        self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
-        self.min_step = int(self.num_train_timesteps * min_step_ratio)
-        self.max_step = int(self.num_train_timesteps * max_step_ratio)
-        if not 0 <= self.min_step <= self.max_step < self.num_train_timesteps:
-            raise ValueError(f"bad timestep range [{self.min_step}, {self.max_step}]")
+        if hash3d is None and denoiser.cache is not None:
+            hash3d = denoiser.cache.cfg
+        super().__init__(denoiser, self.scheduler.alphas_cumprod, min_step_ratio, max_step_ratio,
+                         seed=seed, generator_device=self.device, hash3d=hash3d)
         self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device, torch.float32)
         self.scaling_factor = float(components.vae.config.scaling_factor)
-        self.seed = int(seed)
-        self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
         self.input_elevation = 0.0
         self.ref_embeddings: torch.Tensor | None = None  # [1, 1, D] CLIP image_embeds
         self.ref_latents: torch.Tensor | None = None  # [1, 4, h, w] unscaled VAE latent
@@ -107,11 +109,8 @@ class Zero123Guidance:
     def family(self) -> str:
         return self.components.family
 
-    @property
-    def stats(self) -> dict:
-        """UNet calls made through the denoiser: ``{"unet_full_calls", "unet_shallow_calls"}``."""
-        s = self.denoiser.stats
-        return {"unet_full_calls": int(s.full_calls), "unet_shallow_calls": int(s.shallow_calls)}
+    def _drop_reference(self) -> None:
+        self.ref_embeddings = self.ref_latents = None
 
     # ------------------------------------------------------------------ images and latents
 
@@ -215,15 +214,6 @@ class Zero123Guidance:
 
     # ------------------------------------------------------------------ noise prediction
 
-    def timestep_for(self, step_ratio: float | None) -> int:
-        """SDS timestep: round((1 - step_ratio) * T) clipped to [min_step, max_step];
-        ``None`` -> uniform in [min_step, max_step] from the guidance's generator."""
-        if step_ratio is None:
-            t = torch.randint(self.min_step, self.max_step + 1, (1,), generator=self.generator, device=self.device)
-            return int(t.item())
-        t = round((1.0 - float(step_ratio)) * self.num_train_timesteps)
-        return int(min(max(t, self.min_step), self.max_step))
-
     @torch.no_grad()
     def predict_noise(
         self,
@@ -257,27 +247,34 @@ class Zero123Guidance:
         eps_cond, eps_uncond = out.chunk(2, dim=0)
         return eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
 
-    # ------------------------------------------------------------------ SDS
+    # ------------------------------------------------------------------ the core's hooks
 
-    def sds(
-        self,
-        images: torch.Tensor,
-        d_elevation: FloatSeq,
-        d_azimuth: FloatSeq,
-        d_radius: FloatSeq,
-        step_ratio: float | None = None,
-    ) -> torch.Tensor:
-        """Score-distillation loss of rendered novel views.
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encode_images(images)
 
-        Args:
-            images: [B, 3, H, W] in [0, 1] with grad (resized to ``image_size``).
-            d_elevation, d_azimuth, d_radius: B relative cameras (degrees, degrees, radius).
-            step_ratio: training progress in [0, 1] for the annealed timestep, or None (random).
-        Returns:
-            scalar float32 loss whose gradient w.r.t. the scaled latents is w(t)*(eps_cfg - noise).
-        """
-        latents = self.encode_images(images)
-        return self.sds_latents(latents, d_elevation, d_azimuth, d_radius, step_ratio=step_ratio)
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode_latents(x)
+
+    def condition(self, d_elevation: FloatSeq, d_azimuth: FloatSeq, d_radius: FloatSeq, batch: int):
+        cond = self.conditioning(d_elevation, d_azimuth, d_radius)
+        if cond[0].shape[0] != 2 * batch:
+            raise ValueError(f"{cond[0].shape[0] // 2} cameras for {batch} images")
+        return cond, d_elevation, d_azimuth, d_radius
+
+    def predict(self, x_t: torch.Tensor, t: int, condition) -> torch.Tensor:
+        cond, d_elevation, d_azimuth, d_radius = condition
+        return self.predict_noise(x_t, t, cond, d_elevation, d_azimuth, d_radius)
+
+    def add_noise(self, x: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
+        t_tensor = torch.full((x.shape[0],), t, device=self.device, dtype=torch.long)
+        return self.scheduler.add_noise(x, noise, t_tensor)
+
+    def sds_weight(self, t: int) -> torch.Tensor:
+        return 1.0 - self.alphas_cumprod[t]
+
+    def make_refine_scheduler(self, steps: int) -> DDIMScheduler:
+        self.refine_scheduler.set_timesteps(int(steps), device=self.device)
+        return self.refine_scheduler
 
     def sds_latents(
         self,
@@ -288,63 +285,9 @@ class Zero123Guidance:
         step_ratio: float | None = None,
         noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """SDS loss on scaled latents [B, 4, h, w] (see ``sds``).
+        """SDS loss on scaled latents [B, 4, h, w] (``sds`` after the encoding).
 
         ``noise`` [B, 4, h, w] overrides the generator's draw (the timestep is drawn first when
         ``step_ratio`` is None, then the noise).
         """
-        batch = latents.shape[0]
-        t = self.timestep_for(step_ratio)
-        with torch.no_grad():
-            if noise is None:
-                noise = torch.randn(latents.shape, generator=self.generator, device=self.device, dtype=torch.float32)
-            noise = noise.to(self.device, torch.float32)
-            t_tensor = torch.full((batch,), t, device=self.device, dtype=torch.long)
-            noisy = self.scheduler.add_noise(latents.detach().float(), noise, t_tensor)
-            cond = self.conditioning(d_elevation, d_azimuth, d_radius)
-            if cond[0].shape[0] != 2 * batch:
-                raise ValueError(f"{cond[0].shape[0] // 2} cameras for {batch} images")
-            eps = self.predict_noise(noisy, t, cond, d_elevation, d_azimuth, d_radius)
-            w = 1.0 - self.alphas_cumprod[t]
-            grad = torch.nan_to_num(w * (eps - noise))
-            target = latents.detach().float() - grad
-        return 0.5 * F.mse_loss(latents.float(), target, reduction="sum")
-
-    # ------------------------------------------------------------------ refine
-
-    @torch.no_grad()
-    def refine(
-        self,
-        images: torch.Tensor,
-        d_elevation: FloatSeq,
-        d_azimuth: FloatSeq,
-        d_radius: FloatSeq,
-        strength: float = 0.8,
-        steps: int = 50,
-    ) -> torch.Tensor:
-        """Multi-step DDIM img2img of rendered views (DreamGaussian's stage-2 target).
-
-        ``steps`` DDIM timesteps; starts at index ``int(steps * strength)`` (so strength 0.8 with
-        50 steps runs the last 10 low-noise steps), adds noise at that timestep, then denoises
-        with classifier-free guidance through the denoiser.
-
-        Args:
-            images: [B, 3, H, W] in [0, 1].
-            strength: in [0, 1); larger means *less* noise added (DreamGaussian's convention).
-        Returns:
-            [B, 3, image_size, image_size] float32 in [0, 1].
-        """
-        if not 0.0 <= strength < 1.0:
-            raise ValueError(f"strength must be in [0, 1), got {strength}")
-        scheduler = self.refine_scheduler
-        scheduler.set_timesteps(int(steps), device=self.device)
-        start = int(steps * strength)
-        timesteps = scheduler.timesteps[start:]
-        latents = self.encode_images(images).float()
-        noise = torch.randn(latents.shape, generator=self.generator, device=self.device, dtype=torch.float32)
-        latents = scheduler.add_noise(latents, noise, timesteps[:1].expand(latents.shape[0]))
-        cond = self.conditioning(d_elevation, d_azimuth, d_radius)
-        for t in timesteps:
-            eps = self.predict_noise(latents, int(t), cond, d_elevation, d_azimuth, d_radius)
-            latents = scheduler.step(eps, int(t), latents).prev_sample.float()
-        return self.decode_latents(latents)
+        return self.sds_x(latents, d_elevation, d_azimuth, d_radius, step_ratio=step_ratio, noise=noise)

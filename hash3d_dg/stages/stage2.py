@@ -101,9 +101,8 @@ def run_stage2(mesh: Mesh, ref: ReferenceView, cfg: RunConfig, guidance=None,
             guard.observe_render(step, image)
             image = image.permute(2, 0, 1)[None]
             strength = s2.strength_start + step_ratio * (s2.strength_end - s2.strength_start)
-            with guidance.denoiser.refine_reuse(cfg.hash3d.stage2, cfg.hash3d.trajectory_interval):
-                refined = guidance.refine(image.detach(), [view.d_elevation], [view.d_azimuth],
-                                          [view.d_radius], strength=strength, steps=s2.ddim_steps)
+            refined = guidance.refine(image.detach(), [view.d_elevation], [view.d_azimuth],
+                                      [view.d_radius], strength=strength, steps=s2.ddim_steps)
             refined = F.interpolate(refined.float(), image.shape[-2:], mode="bilinear",
                                     align_corners=False)
             loss = loss + cfg.guidance.lambda_zero123 * F.mse_loss(image, refined)

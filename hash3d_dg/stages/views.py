@@ -35,7 +35,8 @@ def sample_novel_view(rng: np.random.Generator, elevation: float, min_ver: float
 
 
 class GuidanceMeter:
-    """Counts a stage's UNet calls and cache activity as the difference of two snapshots."""
+    """Counts a stage's UNet calls and cache activity as the difference of two ``stats()``
+    snapshots of the guidance (or zeros without one)."""
 
     def __init__(self, guidance) -> None:
         self.guidance = guidance
@@ -43,41 +44,32 @@ class GuidanceMeter:
 
     def _snapshot(self) -> dict:
         if self.guidance is None:
-            return {"full_calls": 0, "shallow_calls": 0, "attempts": 0, "hits": 0, "misses": 0,
-                    "inserts": 0, "evictions": 0}
-        denoiser = self.guidance.denoiser
-        snap = {"full_calls": denoiser.stats.full_calls, "shallow_calls": denoiser.stats.shallow_calls}
-        cache = denoiser.cache
-        for key in ("attempts", "hits", "misses", "inserts", "evictions"):
-            snap[key] = getattr(cache.stats, key) if cache is not None else 0
-        return snap
+            return {"unet": {"full_calls": 0, "shallow_calls": 0},
+                    "cache": {"attempts": 0, "hits": 0, "misses": 0, "inserts": 0, "evictions": 0,
+                              "entries": 0, "bytes": 0, "hits_by_grid": []}}
+        return self.guidance.stats()
 
     def hit_rate(self) -> float:
-        now = self._snapshot()
-        calls = (now["full_calls"] - self.start["full_calls"]) + (now["shallow_calls"] - self.start["shallow_calls"])
-        return (now["shallow_calls"] - self.start["shallow_calls"]) / calls if calls else 0.0
+        now, start = self._snapshot()["unet"], self.start["unet"]
+        shallow = now["shallow_calls"] - start["shallow_calls"]
+        calls = now["full_calls"] - start["full_calls"] + shallow
+        return shallow / calls if calls else 0.0
 
     def postfix(self, loss: float, **extra) -> dict:
         """What a stage's progress bar shows: the loss, ``extra``, and the cache hit rate."""
         postfix = {"loss": f"{loss:.4g}", **extra}
-        if self.guidance is not None and self.guidance.denoiser.cache is not None:
+        if self.guidance is not None and self.guidance.cached:
             postfix["hit"] = f"{self.hit_rate():.0%}"
         return postfix
 
     def report(self) -> dict:
         now = self._snapshot()
-        delta = {k: now[k] - self.start[k] for k in now}
-        cache = self.guidance.denoiser.cache if self.guidance is not None else None
-        return {
-            "unet": {"full_calls": delta["full_calls"], "shallow_calls": delta["shallow_calls"]},
-            "cache": {
-                "attempts": delta["attempts"], "hits": delta["hits"], "misses": delta["misses"],
-                "inserts": delta["inserts"], "evictions": delta["evictions"],
-                "entries": cache.stats.entries if cache is not None else 0,
-                "bytes": cache.stats.bytes if cache is not None else 0,
-                "hits_by_grid": list(cache.stats.hits_by_grid) if cache is not None else [],
-            },
-        }
+        unet = {k: now["unet"][k] - self.start["unet"][k] for k in ("full_calls", "shallow_calls")}
+        cache = {k: now["cache"][k] - self.start["cache"][k]
+                 for k in ("attempts", "hits", "misses", "inserts", "evictions")}
+        cache.update(entries=now["cache"]["entries"], bytes=now["cache"]["bytes"],
+                     hits_by_grid=now["cache"]["hits_by_grid"])
+        return {"unet": unet, "cache": cache}
 
 
 def check_interval(device: torch.device | str) -> int:
