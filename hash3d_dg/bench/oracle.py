@@ -87,7 +87,11 @@ SIZES: dict[str, dict[str, Any]] = {
                  mesh_resolution=24, texture_size=64, bake_render_size=32, eval_size=32,
                  num_pts=500, scene_texture=64, ssaa=1, device="cpu"),
 }
-SETTING_KEYS = tuple(SIZES["cpu"]) + ("sds_scale", "eval_views", "eval_elevation", "threads")
+SETTING_KEYS = tuple(SIZES["cpu"]) + ("sds_scale", "eval_views", "eval_elevation", "threads", "judge")
+#: The denoiser that judges: ``analytic`` (``OracleDenoiser``), ``learned`` (the trained denoiser of
+#: ``hash3d_dg/eval/learned.py`` through ``UNetSplit``, 32 px guidance) or ``random`` (its
+#: architecture at random init); see ``hash3d_dg/eval/learned_oracle.py``.
+JUDGES = ("analytic", "learned", "random")
 #: torch intra-op threads during the benchmark: the stages' many small CPU ops run fastest on one
 #: thread, and several threads on a shared 2-core machine were measured ~8x slower.
 DEFAULT_THREADS = 1
@@ -248,8 +252,10 @@ def resolve_settings(size: str = "cpu", **overrides) -> dict:
     if unknown:
         raise ValueError(f"unknown oracle setting(s): {', '.join(unknown)}")
     settings = dict(SIZES[size], size=size, sds_scale=DEFAULT_SDS_SCALE, eval_views=EVAL_VIEWS,
-                    eval_elevation=EVAL_ELEVATION, threads=DEFAULT_THREADS)
+                    eval_elevation=EVAL_ELEVATION, threads=DEFAULT_THREADS, judge="analytic")
     settings.update(overrides)
+    if settings["judge"] not in JUDGES:
+        raise ValueError(f"unknown judge {settings['judge']!r}: expected one of {', '.join(JUDGES)}")
     return settings
 
 
@@ -305,8 +311,13 @@ def run_oracle_once(scene: OracleScene, hash3d: Hash3DConfig, settings: dict, it
     ref = ReferenceView.from_rgba(scene.rgba(cfg.elevation, 0.0, cfg.radius, cfg.stage1.ref_size, cfg.fovy),
                                   cfg.elevation, cfg.radius, cfg.fovy, cfg.stage1.ref_size, device)
     scheduler = DDIMScheduler.from_config(SCHEDULER_CONFIG)
-    oracle = OracleDenoiser(scene, scheduler.alphas_cumprod, cfg.guidance.image_size, cfg.elevation,
-                            cfg.radius, cfg.fovy)
+    if settings.get("judge", "analytic") == "analytic":
+        oracle = OracleDenoiser(scene, scheduler.alphas_cumprod, cfg.guidance.image_size, cfg.elevation,
+                                cfg.radius, cfg.fovy)
+    else:  # the learned oracle (or its random init) at the run's cache point
+        from hash3d_dg.eval.learned_oracle import make_denoiser
+
+        oracle = make_denoiser(settings["judge"], cfg.hash3d.cache_point, cfg.elevation)
     denoiser = CachedDenoiser(oracle, make_cache(cfg.hash3d, seed=seed))
     guidance = OracleGuidance(denoiser, sds_scale=float(settings["sds_scale"]), seed=seed,
                               hash3d=cfg.hash3d)
@@ -453,7 +464,11 @@ def oracle_report(iters: int = 500, iters_refine: int = 50, modes: Sequence[str]
         "stages": ("real run_stage1 / extract_textured_mesh / run_stage2 with RunConfig defaults "
                    "except the sizes above and stage1.invert_bg_prob=0 (renders always over white)"),
         "sds_scale": f"{settings['sds_scale']} x 0.5 * sum over guidance pixels in [-1, 1] (lambda_zero123 = 1)",
-        "notes": ("oracle deep feature = clean ground-truth render of the conditioning camera, so "
+        "judge": settings["judge"],
+        "notes": ("learned judge: a trained 32 px pixel-space UNet (hash3d_dg/eval/learned.py) "
+                  "split by UNetSplit at the run's cache point; its features depend on the "
+                  "timestep and carry the noise of their pass" if settings["judge"] != "analytic" else
+                  "oracle deep feature = clean ground-truth render of the conditioning camera, so "
                   "reuse costs quality only across cameras (not across timesteps or along a "
                   "trajectory); the oracle's full-call cost is a ground-truth render, so seconds "
                   "measure the harness, not a UNet"),
@@ -482,6 +497,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="configurations run at once in worker processes (default 1)")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                         help="torch CPU threads during the runs (default 1; 0 keeps torch's setting)")
+    parser.add_argument("--judge", default="analytic", choices=list(JUDGES),
+                        help="the denoiser: analytic (default), learned (the trained 32 px denoiser of "
+                             "hash3d_dg/eval/learned.py) or random (its architecture, untrained)")
     parser.add_argument("--progress", action="store_true", help="show the stages' progress bars")
 
 
@@ -489,4 +507,4 @@ def run_from_args(args: argparse.Namespace) -> dict:
     return oracle_report(iters=args.iters, iters_refine=args.iters_refine, modes=tuple(args.modes),
                          sweeps=not args.no_sweeps, seed=args.seed, progress=args.progress,
                          size=args.size, etas=tuple(args.etas), grid_sizes=tuple(args.grid_sizes),
-                         jobs=args.jobs, threads=args.threads)
+                         jobs=args.jobs, threads=args.threads, judge=args.judge)
