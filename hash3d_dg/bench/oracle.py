@@ -40,6 +40,12 @@ depends only on the camera, not on t or x_t, so reuse across timesteps of one ca
 official mode's stage-2 reuse along one trajectory (same camera), cost nothing here; only reuse
 across cameras does. Real UNet features also drift with t; this benchmark measures the camera
 part of Hash3D's approximation.
+
+``--judge learned`` replaces the analytic model by a trained one that has those properties: the
+32 px view-conditioned denoiser of ``hash3d_dg/eval/learned.py`` (trained on this scene's
+renders), split by the product's ``UNetSplit`` at the run's cache point
+(``hash3d_dg/eval/learned_oracle.py``); the guidance then works on 32 px pixels. ``--judge
+random`` is its architecture untrained (a floor, not a judge).
 """
 
 from __future__ import annotations

@@ -7,15 +7,22 @@ real (small) diffusers ``UNet2DConditionModel`` on renders of the same object, s
 table can be judged through the same ``UNetSplit`` the product uses, on features that drift with
 the timestep and carry the noise of the pass that made them.
 
-Model (``model_config``): pixel space, 32x32, input = concat(noisy view [3], reference view [3])
-as Zero-1-to-3 concatenates the input image's latent; output epsilon [3]; blocks 32/64/64
+Model (``model_config``): pixel space, 32x32, input = concat(noisy view [3], reference view [3],
+camera planes [6]) (the reference as Zero-1-to-3 concatenates the input image's latent); output
+epsilon [3]; blocks 32/64/64
 (``CrossAttnDownBlock2D``, ``CrossAttnDownBlock2D``, ``DownBlock2D`` / ``UpBlock2D``,
 ``CrossAttnUpBlock2D``, ``CrossAttnUpBlock2D``; the blocks' transformers cross-attend to the
 camera only, the 8x8 mid block keeps self-attention), ``layers_per_block`` 1 (the ``paper`` and ``last_subblock``
 points then coincide). The relative camera is 4 context tokens
 (``camera_tokens``): token k carries Zero-1-to-3's camera number ``T_k`` of
 ``T = [rad(d_el), sin(rad(d_az)), cos(rad(d_az)), d_radius]`` as a one-hot position plus the
-value and its Fourier features; the cross-attention layers learn the rest.
+value and its Fourier features; the cross-attention layers learn the rest. The camera also
+enters as 6 constant input planes (``camera_planes``): a first run with the tokens alone still
+ignored the camera after 500 steps (right- and wrong-camera errors equal), so the run was
+restarted from that checkpoint with the planes added (``--init-from``, zero-initialised
+``conv_in`` weights for the new channels: the same function at the start). Both enter the
+shallow path too (``conv_in`` and the last up block's cross-attention), as Zero-1-to-3's camera
+tokens do at the ``paper`` point.
 
 Data (``make_dataset``): the oracle scene (``OracleScene.default``) and ``EXTRA_OBJECTS``
 procedural variants of it (reshaped, re-coloured, turned), rendered over white at 32 px from
@@ -65,6 +72,7 @@ REFERENCE = (0.0, 0.0, RADIUS)  # elevation, azimuth, radius of the conditioning
 TOKEN_DIM = 16
 N_TOKENS = 4
 FOURIER_FREQS = (1.0, 2.0, 4.0, 8.0)
+N_PLANES = 6  # camera input planes: rad(d_el), sin/cos(d_az), sin/cos(2 d_az), d_radius
 ELEVATION_RANGE = (-40.0, 40.0)
 EXTRA_OBJECTS = 3
 ORACLE_SHARE = 0.5
@@ -78,7 +86,7 @@ SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_en
 def model_config(layers_per_block: int = 1, blocks: tuple[int, ...] = (32, 64, 64)) -> dict:
     """The learned oracle's ``UNet2DConditionModel`` config."""
     return {
-        "sample_size": IMAGE_SIZE, "in_channels": 6, "out_channels": 3,
+        "sample_size": IMAGE_SIZE, "in_channels": 6 + N_PLANES, "out_channels": 3,
         "block_out_channels": list(blocks), "layers_per_block": int(layers_per_block),
         "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
@@ -109,6 +117,26 @@ def _plain_attention(unet):
 def alphas_cumprod() -> torch.Tensor:
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
     return torch.cumprod(1.0 - betas, 0)
+
+
+def camera_planes(context: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """``[N, 3]`` relative cameras -> ``[N, 6, S, S]`` constant input planes ``rad(d_el),
+    sin(d_az), cos(d_az), sin(2 d_az), cos(2 d_az), d_radius``."""
+    c = torch.as_tensor(context, dtype=torch.float64).reshape(-1, 3)
+    el, az, dr = torch.deg2rad(c[:, 0]), torch.deg2rad(c[:, 1]), c[:, 2]
+    v = torch.stack([el, torch.sin(az), torch.cos(az), torch.sin(2 * az), torch.cos(2 * az), dr], 1)
+    return v.float()[:, :, None, None].expand(-1, -1, size, size)
+
+
+def model_inputs(x_t: torch.Tensor, cameras: torch.Tensor, reference: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UNet's ``(sample [N, 12, S, S], encoder_hidden_states [N, 4, 16])`` for noisy views
+    ``x_t``: concat(x_t, reference view, camera planes) and the camera tokens."""
+    n, size = x_t.shape[0], x_t.shape[-1]
+    ref = reference.expand(n, -1, -1, -1) if reference.ndim == 3 else reference
+    cams = torch.as_tensor(cameras).detach().cpu()
+    sample = torch.cat([x_t, ref.to(x_t), camera_planes(cams, size).to(x_t)], dim=1)
+    return sample, camera_tokens(cams).to(x_t)
 
 
 def camera_tokens(context: torch.Tensor) -> torch.Tensor:
@@ -220,8 +248,8 @@ def heldout_batch(n: int = 32, seed: int = 777) -> dict:
 def predict(unet, x_t: torch.Tensor, t: torch.Tensor, cameras: torch.Tensor,
             reference: torch.Tensor) -> torch.Tensor:
     """Epsilon ``[N, 3, S, S]``; ``reference`` ``[3, S, S]`` or ``[N, 3, S, S]``."""
-    ref = reference.expand(x_t.shape[0], -1, -1, -1) if reference.ndim == 3 else reference
-    return unet(torch.cat([x_t, ref.to(x_t)], dim=1), t, camera_tokens(cameras).to(x_t)).sample
+    sample, tokens = model_inputs(x_t, cameras, reference)
+    return unet(sample, t, tokens).sample
 
 
 def psnr_pm1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -300,10 +328,22 @@ def load_unet(path: Path | str = WEIGHTS_PATH, dtype: torch.dtype = torch.float3
         config = json.loads(fh.metadata()["config"])
     unet = _plain_attention(UNet2DConditionModel.from_config(config))
     unet.load_state_dict({k: v.to(dtype) for k, v in load_file(str(path)).items()})
-    return unet.to(dtype).eval().requires_grad_(False)
+    if dtype != torch.float32:
+        unet = unet.to(dtype)
+    return unet.eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------- training
+
+def _expand_conv_in(state: dict, target: dict) -> dict:
+    """``state`` with ``conv_in.weight`` zero-padded to ``target``'s input channels."""
+    state = dict(state)
+    w, want = state["conv_in.weight"], target["conv_in.weight"]
+    if w.shape != want.shape:
+        pad = torch.zeros(want.shape[0], want.shape[1] - w.shape[1], *w.shape[2:], dtype=w.dtype)
+        state["conv_in.weight"] = torch.cat([w, pad], dim=1)
+    return state
+
 
 def _git_commit() -> str | None:
     try:
@@ -318,7 +358,7 @@ def train(steps: int = 6000, minutes: float = 75.0, seed: int = 0, batch_size: i
           n_oracle: int = 4000, n_extra_each: int = 1000, threads: int = 1,
           work_dir: str = ".learned_run", out: Path | str = WEIGHTS_PATH,
           checkpoint_every: int = 250, log_every: int = 50, resume: bool = False,
-          command: str | None = None) -> dict:
+          command: str | None = None, init_from: str | None = None) -> dict:
     """Train the learned oracle; see the module docstring. Returns the provenance dict."""
     torch.set_num_threads(int(threads))
     torch.manual_seed(int(seed))
@@ -339,6 +379,16 @@ def train(steps: int = 6000, minutes: float = 75.0, seed: int = 0, batch_size: i
     config = model_config(layers_per_block)
     unet = build_unet(config, seed).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    prior: dict | None = None
+    if init_from:
+        prior_state = torch.load(init_from)
+        for model, key in ((unet, "unet"), (ema, "ema")):
+            model.load_state_dict(_expand_conv_in(prior_state[key], model.state_dict()))
+        prior = {"checkpoint": str(init_from), "steps": int(prior_state["step"]),
+                 "minutes": round(prior_state["elapsed"] / 60, 1),
+                 "note": "weights of an earlier run without camera planes; conv_in's new input "
+                         "channels zero-initialised"}
+        log.info("initialised from %s (step %d)", init_from, prior["steps"])
     n_params = sum(p.numel() for p in unet.parameters())
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(int(seed) + 1)
@@ -380,6 +430,7 @@ def train(steps: int = 6000, minutes: float = 75.0, seed: int = 0, batch_size: i
                      "reference": list(REFERENCE)},
             "final_loss": round(float(np.mean(recent)), 5) if recent else None,
             "init_eval": init_eval, "history": history, "git_commit": _git_commit(),
+            "initialised_from": prior,
         }
 
     log.info("training %d params, %d steps / %.0f min, batch %d", n_params, steps, minutes, batch_size)
@@ -456,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(WEIGHTS_PATH))
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--init-from", default=None,
+                   help="start from this checkpoint.pt's weights (conv_in widened if needed)")
     p = sub.add_parser("eval", help="held-out error and DDIM samples of saved weights")
     p.add_argument("--weights", default=str(WEIGHTS_PATH))
     p.add_argument("--random", action="store_true", help="a random-init model instead")
@@ -467,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
                      layers_per_block=args.layers_per_block, n_oracle=args.n_oracle,
                      n_extra_each=args.n_extra, threads=args.threads, work_dir=args.work_dir,
                      out=args.out, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                     command=cmd)
+                     command=cmd, init_from=args.init_from)
         print(json.dumps({k: prov[k] for k in ("steps", "train_seconds", "final_loss", "heldout",
                                                 "ddim_samples")}, indent=2))
     else:

@@ -55,9 +55,7 @@ class LearnedDenoiser:
         self.renders = 0  # the analytic oracle's ground-truth render count (none here)
 
     def _inputs(self, sample: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ref = self.reference.to(sample.device, sample.dtype).expand(sample.shape[0], -1, -1, -1)
-        tokens = L.camera_tokens(torch.as_tensor(context).detach().cpu()).to(sample.device, sample.dtype)
-        return torch.cat([sample, ref], dim=1), tokens
+        return L.model_inputs(sample, context, self.reference)
 
     @torch.no_grad()
     def full(self, sample: torch.Tensor, timestep: Any, context: torch.Tensor
