@@ -31,7 +31,11 @@ with its reference view (elevation 0, azimuth 0, radius 2) as the conditioning i
 samples the oracle object half of the time.
 
 Training (``train``): DDPM epsilon loss under stable-zero123's schedule (scaled_linear
-0.00085-0.012, 1000 steps), t uniform in [0, 999], AdamW, cosine learning rate over
+0.00085-0.012, 1000 steps), t uniform in [0, 999], each sample's error weighted by
+``clamp((1 - abar_t) / abar_t, 1, max_weight)`` (``--max-weight``; the plain loss at 1): the
+epsilon loss scales a clean-image error by ``abar_t / (1 - abar_t)``, so at high noise, where the
+camera decides what the view looks like, it barely rewards using the camera (two runs with the
+plain loss still ignored it, right- and wrong-camera errors equal to 1 %), AdamW, cosine learning rate over
 ``max(step / steps, elapsed / budget)``, EMA of the weights (the EMA is what is shipped),
 deterministic seed. Periodic checkpoints, so an interrupted run still leaves weights.
 
@@ -358,7 +362,8 @@ def train(steps: int = 6000, minutes: float = 75.0, seed: int = 0, batch_size: i
           n_oracle: int = 4000, n_extra_each: int = 1000, threads: int = 1,
           work_dir: str = ".learned_run", out: Path | str = WEIGHTS_PATH,
           checkpoint_every: int = 250, log_every: int = 50, resume: bool = False,
-          command: str | None = None, init_from: str | None = None) -> dict:
+          command: str | None = None, init_from: str | None = None,
+          max_weight: float = 1.0) -> dict:
     """Train the learned oracle; see the module docstring. Returns the provenance dict."""
     torch.set_num_threads(int(threads))
     torch.manual_seed(int(seed))
@@ -422,7 +427,7 @@ def train(steps: int = 6000, minutes: float = 75.0, seed: int = 0, batch_size: i
             "command": command or " ".join(sys.argv), "seed": seed, "steps": step,
             "planned_steps": steps, "minutes_budget": minutes,
             "train_seconds": round(time.perf_counter() - t0, 1), "finished": final,
-            "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay, "threads": threads,
+            "batch_size": batch_size, "lr": lr, "max_weight": max_weight, "ema_decay": ema_decay, "threads": threads,
             "params": n_params, "config": config,
             "data": {"renders": len(data.images), "objects": len(data.references),
                      "oracle_renders": int(len(oracle_idx)), "oracle_share": ORACLE_SHARE,
@@ -450,7 +455,10 @@ def train(steps: int = 6000, minutes: float = 75.0, seed: int = 0, batch_size: i
         ab = abar[t].view(-1, 1, 1, 1)
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
         pred = predict(unet, x_t, t, cams, ref)
-        loss = F.mse_loss(pred, eps)
+        per = (pred - eps).square().flatten(1).mean(1)
+        if max_weight > 1.0:  # weight high-noise samples toward their clean-image error
+            per = per * ((1 - ab.view(-1)) / ab.view(-1)).clamp(1.0, float(max_weight))
+        loss = per.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -507,6 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(WEIGHTS_PATH))
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--max-weight", type=float, default=1.0,
+                   help="weight each sample's eps MSE by clamp((1 - abar_t) / abar_t, 1, this) "
+                        "(1: the plain DDPM loss)")
     p.add_argument("--init-from", default=None,
                    help="start from this checkpoint.pt's weights (conv_in widened if needed)")
     p = sub.add_parser("eval", help="held-out error and DDIM samples of saved weights")
@@ -520,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
                      layers_per_block=args.layers_per_block, n_oracle=args.n_oracle,
                      n_extra_each=args.n_extra, threads=args.threads, work_dir=args.work_dir,
                      out=args.out, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                     command=cmd, init_from=args.init_from)
+                     command=cmd, init_from=args.init_from, max_weight=args.max_weight)
         print(json.dumps({k: prov[k] for k in ("steps", "train_seconds", "final_loss", "heldout",
                                                 "ddim_samples")}, indent=2))
     else:
