@@ -487,7 +487,7 @@ def train(steps: int = 6000, minutes: float = 75.0, seed: int = 0, batch_size: i
     final = evaluate(ema, held)
     prov = provenance(True)
     prov["heldout"] = final
-    prov["heldout_random_init"] = init_eval
+    prov["heldout_at_start"] = init_eval
     log.info("final held-out (ema): %s", final)
     samples = ddim_samples(ema)
     prov["ddim_samples"] = samples
