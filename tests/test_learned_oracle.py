@@ -98,3 +98,15 @@ def test_save_load_roundtrip_is_fp16(tmp_path):
     for (k, a), (_, b) in zip(unet.state_dict().items(), loaded.state_dict().items()):
         torch.testing.assert_close(b, a.half().float(), msg=k)
     assert json.loads(path.with_suffix(".json").read_text()) == {"seed": 3}
+
+
+def test_harness_settings_take_the_judge():
+    from hash3d_dg.bench.oracle import resolve_settings
+    from hash3d_dg.bench.pareto import sweep_settings
+
+    assert resolve_settings("tiny")["judge"] == "analytic"
+    assert resolve_settings("tiny", judge="learned")["judge"] == "learned"
+    with pytest.raises(ValueError, match="judge"):
+        resolve_settings("tiny", judge="bogus")
+    labels = [label for label, *_ in sweep_settings("learned", policies=1)]
+    assert labels == ["off", "paper", "official", "fast", "fast, last_block point", "off seed +1"]
