@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m hash3d_dg.bench {flops,cache-exactness,staleness,macs,breakdown,speed,mesh-phase,oracle,pareto,gpu} [--json]``."""
+"""Benchmarks: ``python -m hash3d_dg.bench {flops,cache-exactness,staleness,macs,breakdown,speed,mesh-phase,oracle,pareto,gpu,launches} [--json]``."""
 
 from __future__ import annotations
 
@@ -80,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     pareto.add_arguments(p)
     p.add_argument("--json", action="store_true")
 
+    from hash3d_dg.bench import launches
+
+    p = sub.add_parser("launches", help="kernels, host syncs and uploads per steady-state stage iteration, "
+                       "counted on the CPU on the accelerator's code path (per Hash3D mode)",
+                       description=launches.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    launches.add_arguments(p)
+    p.add_argument("--json", action="store_true")
+
     args = parser.parse_args(argv)
     if args.command == "gpu":
         return gpu.run_bench(args)
@@ -110,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         result = staleness.run_from_args(args)
     elif args.command == "breakdown":
         result = breakdown.run_from_args(args)
+    elif args.command == "launches":
+        result = launches.run_from_args(args)
     elif args.command == "pareto":
         result = pareto.run_from_args(args)
     else:

@@ -129,8 +129,7 @@ def rasterize_gaussians(means: Tensor, quats: Tensor, scales: Tensor, opacities:
     """
     device, dtype = means.device, means.dtype
     chosen = resolve_gaussian_backend(backend, device)
-    viewmat = camera.viewmat(device=device, dtype=dtype)
-    K = camera.K(device=device, dtype=dtype)
+    viewmat, K = camera.viewmat_and_K(device=device, dtype=dtype)  # one upload
     background = background.to(device=device, dtype=dtype)
     width, height = int(camera.width), int(camera.height)
     near, far = float(camera.near), float(camera.far)

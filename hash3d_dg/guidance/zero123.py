@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from PIL import Image
 
+from hash3d_dg.accel import upload
 from hash3d_dg.cache import CachedDenoiser, CacheKey, UNetSplit
 from hash3d_dg.guidance.base import FloatSeq, ScoreDistillation
 from hash3d_dg.guidance.loading import Zero123Components
@@ -187,9 +188,9 @@ class Zero123Guidance(ScoreDistillation):
             last = torch.full_like(el, math.radians(90.0 + self.input_elevation))
         else:
             last = radius
-        return torch.stack([torch.deg2rad(el), torch.sin(az_rad), torch.cos(az_rad), last], dim=-1).to(
-            self.device, torch.float32
-        )
+        # built on the host in float64, then one pinned, non-blocking upload (accel.upload)
+        return upload(torch.stack([torch.deg2rad(el), torch.sin(az_rad), torch.cos(az_rad), last], dim=-1),
+                      self.device, torch.float32)
 
     @torch.no_grad()
     def conditioning(
@@ -273,7 +274,7 @@ class Zero123Guidance(ScoreDistillation):
         return 1.0 - self.alphas_cumprod[t]
 
     def make_refine_scheduler(self, steps: int) -> DDIMScheduler:
-        self.refine_scheduler.set_timesteps(int(steps), device=self.device)
+        self.refine_scheduler.set_timesteps(int(steps))  # host timesteps: read without a sync
         return self.refine_scheduler
 
     def sds_latents(
