@@ -86,3 +86,20 @@ def upload_many(arrays: Sequence, device: torch.device | str,
         out.append(whole[start:start + n].reshape(shape))
         start += n
     return out
+
+
+def resolve_switch(value: str, device: torch.device | str | None, name: str = "setting") -> bool:
+    """An ``auto | on | off`` speed setting: ``auto`` is on for an accelerator (CUDA, or the CPU
+    inside ``virtual()``), off elsewhere."""
+    if value == "auto":
+        return is_accelerator(device)
+    if value in ("on", "off"):
+        return value == "on"
+    raise ValueError(f"{name}={value!r} must be auto, on or off")
+
+
+def adam_options(fused: str, device: torch.device | str | None) -> dict:
+    """Keyword arguments for ``torch.optim.Adam`` under a ``fused_adam`` setting: ``fused=True``
+    when it resolves on (one kernel per step for all parameters, no host reads); nothing
+    otherwise (torch's default: foreach kernels on CUDA, the per-tensor loop on the CPU)."""
+    return {"fused": True} if resolve_switch(fused, device, "fused_adam") else {}

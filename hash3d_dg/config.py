@@ -49,6 +49,9 @@ class GuidanceConfig:
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float16 | bfloat16 | float32 (bf16: no fp16 overflow, on GPUs that have it)
     vae: str = "auto"  # renders' latents: auto (tiny for hash3d.mode=fast, else full) | full | tiny
     tiny_vae: str = "madebyollin/taesd"  # AutoencoderTiny hub id or local directory (guidance.vae=tiny)
+    # GPU speed (auto: on for CUDA, off elsewhere; the eager CPU path is the reference)
+    cuda_graphs: str = "auto"  # auto | on | off: replay the SDS step after the render as CUDA graphs
+    channels_last: str = "auto"  # auto | on | off: UNet and autoencoders in channels_last memory format
 
 
 @dataclass
@@ -82,6 +85,7 @@ class Stage1Config:
     max_ver: float = 30.0
     anneal_timestep: bool = True
     backend: str = "auto"  # auto | torch | gsplat | inria
+    fused_adam: str = "auto"  # auto (on for CUDA) | on | off: Adam's fused kernel
 
 
 @dataclass
@@ -133,6 +137,7 @@ class Stage2Config:
     ssaa_min: float = 0.125
     ssaa_max: float = 2.0
     backend: str = "auto"  # auto | torch | nvdiffrast
+    fused_adam: str = "auto"  # auto (on for CUDA) | on | off: Adam's fused kernel
 
 
 @dataclass
@@ -453,6 +458,10 @@ def validate(cfg: RunConfig) -> None:
         ("mesh.bake_mode", m.bake_mode, MESH_BAKE_MODES),
         ("mesh.bake_views", m.bake_views, MESH_BAKE_VIEWS),
         ("mesh.clean", m.clean, ("pymeshlab", "basic")),
+        ("guidance.cuda_graphs", g.cuda_graphs, ("auto", "on", "off")),
+        ("guidance.channels_last", g.channels_last, ("auto", "on", "off")),
+        ("stage1.fused_adam", s1.fused_adam, ("auto", "on", "off")),
+        ("stage2.fused_adam", s2.fused_adam, ("auto", "on", "off")),
     ]
     for key, value, allowed in choices:
         if value not in allowed:

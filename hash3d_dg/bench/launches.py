@@ -247,6 +247,7 @@ class _Function(TorchFunctionMode):
                 c._host_factory -= 1
             if has_device:
                 c._event("upload", func.__name__)
+                c.unmark_host(out)
             else:
                 c.mark_host(out)
             return out
@@ -332,7 +333,7 @@ class _Dispatch(TorchDispatchMode):
                 if kwargs.get("output_size") is None:
                     c._event("sync", "repeat_interleave")
         out = func(*args, **kwargs)
-        if on_host:
+        if on_host or func is aten.lift_fresh.default:  # lift_fresh: host data (from_numpy too)
             c.mark_host(out)
             return out
         if not (func in _NO_KERNEL or getattr(func, "is_view", False)):
@@ -395,8 +396,8 @@ def _excluding(fn, counter: LaunchCounter, skip=("means2d",)):
 
 @contextlib.contextmanager
 def _patched(counter: LaunchCounter):
-    """The rasterisers excluded, the CPU on the accelerator path (check interval, fused Adam,
-    foreach kernels)."""
+    """The rasterisers excluded; torch's foreach kernels allowed on the CPU (where a run on CUDA
+    takes them: an optimiser without ``fused``)."""
     import hash3d_dg.gaussians.backends as gb
     import hash3d_dg.mesh.backends as mb
 
@@ -413,19 +414,6 @@ def _patched(counter: LaunchCounter):
         if getattr(mod, "__name__", "").startswith("hash3d_dg") and \
                 getattr(mod, "rasterize_mesh", None) is original_mesh:
             patch(mod, "rasterize_mesh", wrapped_mesh)
-    # Until every stage asks accel.is_accelerator for its check interval, make it so here.
-    import hash3d_dg.stages.views as views
-    from hash3d_dg import accel
-
-    original_interval = views.check_interval
-
-    def check_interval(device):
-        return 10 if accel.is_accelerator(device) else original_interval(device)
-
-    for mod in list(sys.modules.values()):
-        if getattr(mod, "__name__", "").startswith("hash3d_dg") and \
-                getattr(mod, "check_interval", None) is original_interval:
-            patch(mod, "check_interval", check_interval)
     # torch's optimisers take their foreach (multi-tensor) kernels only for CUDA tensors.
     import torch.utils._foreach_utils as fu
 
@@ -481,6 +469,8 @@ def _summary(windows: list[Counts], steady: list[int], check: list[int]) -> dict
            "async_uploads_per_iter": per_iter("async_uploads"),
            "rasterizer_per_iter": {"kernels": per_iter("rasterizer_kernels"),
                                    "syncs": per_iter("rasterizer_syncs")},
+           "max_syncs_per_steady_iter": max((windows[i].syncs for i in steady), default=None),
+           "max_uploads_per_steady_iter": max((windows[i].uploads for i in steady), default=None),
            "steady_iterations": len(steady),
            "sites_per_iter": {k: round(v / n, 3) for k, v in sites.most_common()}}
     if check:

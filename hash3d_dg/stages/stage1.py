@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hash3d_dg.accel import adam_options, upload
 from hash3d_dg.camera import Camera
 from hash3d_dg.config import RunConfig
 from hash3d_dg.gaussians import Densifier, GaussianModel, position_lr
@@ -45,10 +46,11 @@ def evaluate_reference(gaussians: GaussianModel, ref: ReferenceView, backend: st
 
 def make_optimizer(gaussians: GaussianModel, s1) -> torch.optim.Optimizer:
     """DreamGaussian's single Adam with one named group per Gaussian parameter."""
+    fused = "fused" in adam_options(s1.fused_adam, gaussians.params["means"].device)
     return gaussians.make_optimizer({
         "means": s1.position_lr_init, "sh0": s1.feature_lr, "opacities": s1.opacity_lr,
         "scales": s1.scaling_lr, "quats": s1.rotation_lr,
-    })
+    }, fused=fused)
 
 
 def schedule_position_lr(optimizer: torch.optim.Optimizer, step: int, s1) -> None:
@@ -82,7 +84,9 @@ def run_stage1(ref: ReferenceView, cfg: RunConfig, guidance=None, progress: bool
     optimizer = make_optimizer(gaussians, s1)
     densifier = Densifier.from_config(s1, generator=torch.Generator(device=device).manual_seed(cfg.seed))
     use_guidance = guidance is not None and cfg.guidance.lambda_zero123 > 0
-    white = torch.tensor(WHITE, device=device)
+    # both backgrounds uploaded once; each view picks one on the host
+    backgrounds = {WHITE: upload(WHITE, device), BLACK: upload(BLACK, device)}
+    white = backgrounds[WHITE]
     densify_counts = {"cloned": 0, "split": 0, "pruned": 0}
     loop = StageLoop("stage1", "stage 1", "stage 1 (gaussians)", s1.iters, optimizer,
                      params=lambda: gaussians.params.values(), device=device,
@@ -109,7 +113,7 @@ def run_stage1(ref: ReferenceView, cfg: RunConfig, guidance=None, progress: bool
                 camera = Camera.orbit(ref.elevation + view.d_elevation, view.d_azimuth,
                                       cfg.radius + view.d_radius, width=res, fovy=cfg.fovy)
                 bg = BLACK if rng.random() < s1.invert_bg_prob else WHITE
-                out = gaussians.render(camera, torch.tensor(bg, device=device), backend=s1.backend)
+                out = gaussians.render(camera, backgrounds[bg], backend=s1.backend)
                 guard.observe_render(step, out.image)
                 images.append(out.image.permute(2, 0, 1))
                 views.append(view)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hash3d_dg.accel import adam_options, upload
 from hash3d_dg.camera import Camera
 from hash3d_dg.config import RunConfig
 from hash3d_dg.mesh import Mesh, rasterize_mesh
@@ -42,7 +43,7 @@ def render_supersampled(mesh: Mesh, camera: Camera, size: int, ssaa: float, albe
     out = rasterize_mesh(mesh, camera.resized(inner), background=background, backend=backend,
                          vertex_offsets=offsets, albedo=albedo, antialias=True,
                          texture_filter="mipmap")
-    forward = torch.as_tensor(camera.c2w[:3, 2], dtype=out.normal.dtype, device=out.normal.device)
+    forward = upload(camera.c2w[:3, 2], out.normal.device, out.normal.dtype)  # pinned, non-blocking
     viewcos = (out.normal * forward).sum(-1, keepdim=True)
     stacked = torch.cat([out.rgb, out.alpha, viewcos], dim=-1)
     if inner != size:
@@ -67,7 +68,7 @@ def run_stage2(mesh: Mesh, ref: ReferenceView, cfg: RunConfig, guidance=None,
     if s2.geom_lr > 0:
         offsets = torch.nn.Parameter(torch.zeros_like(mesh.v))
         groups.append({"params": [offsets], "lr": s2.geom_lr})
-    optimizer = torch.optim.Adam(groups)
+    optimizer = torch.optim.Adam(groups, **adam_options(s2.fused_adam, device))
     white = torch.ones(3, device=device)
     use_guidance = guidance is not None and cfg.guidance.lambda_zero123 > 0
     params = [p for group in groups for p in group["params"]]
