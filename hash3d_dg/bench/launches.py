@@ -39,6 +39,11 @@ Then (a ``TorchFunctionMode`` sees the Python-level calls, a ``TorchDispatchMode
   tensor into a device one without ``non_blocking=True``; with it, an **async upload**
   (``accel.upload`` pins the host buffer first).
 
+CUDA graphs: by default the UNet calls go through ``GraphedSplit`` as a CUDA run with
+``guidance.cuda_graphs=auto`` does; on the CPU it runs what the graph would replay eagerly on its
+static buffers, and the counter counts that as **one** launch (``graph_launches``; the ops inside
+are ``graphed_kernels``). ``--no-graphs`` counts the eager calls.
+
 Iterations are the windows between successive optimiser steps (a global step pre-hook); a
 *steady-state* iteration is one with no check (the loss and divergence flags are read every 10
 steps), no densify/prune and no optimiser-state initialisation. The rasteriser is excluded: the
@@ -127,11 +132,14 @@ class Counts:
     async_uploads: int = 0
     rasterizer_kernels: int = 0
     rasterizer_syncs: int = 0
+    graph_launches: int = 0
+    graphed_kernels: int = 0
     sites: Counter = field(default_factory=Counter)
 
     def as_dict(self) -> dict:
         return {"kernels": self.kernels, "syncs": self.syncs, "uploads": self.uploads,
-                "async_uploads": self.async_uploads,
+                "async_uploads": self.async_uploads, "graph_launches": self.graph_launches,
+                "graphed_kernels": self.graphed_kernels,
                 "rasterizer": {"kernels": self.rasterizer_kernels,
                                "syncs": self.rasterizer_syncs},
                 "sites": dict(self.sites.most_common())}
@@ -147,6 +155,7 @@ class LaunchCounter:
         self._host_factory = 0  # > 0 while a host-data call or device-less factory runs
         self._in_read = 0  # > 0 while a read the function mode already counted runs
         self._excluded = 0  # > 0 inside the rasteriser
+        self._graphed = 0  # > 0 inside what a CUDA graph replays
         self._modes: list = []
 
     # -- bookkeeping ---------------------------------------------------------------------------
@@ -178,6 +187,19 @@ class LaunchCounter:
     def take(self) -> Counts:
         out, self.counts = self.counts, Counts()
         return out
+
+    @contextlib.contextmanager
+    def graph_replay(self):
+        """The ops inside are one CUDA graph launch (counted as one kernel; the ops themselves
+        as ``graphed_kernels``). A host sync inside would break the capture: still counted."""
+        if not self._excluded:
+            self.counts.graph_launches += 1
+            self.counts.kernels += 1
+        self._graphed += 1
+        try:
+            yield
+        finally:
+            self._graphed -= 1
 
     @contextlib.contextmanager
     def excluded(self):
@@ -339,6 +361,8 @@ class _Dispatch(TorchDispatchMode):
         if not (func in _NO_KERNEL or getattr(func, "is_view", False)):
             if c._excluded:
                 c.counts.rasterizer_kernels += 1
+            elif c._graphed:
+                c.counts.graphed_kernels += 1
             else:
                 c.counts.kernels += 1
         return out
@@ -407,6 +431,15 @@ def _patched(counter: LaunchCounter):
         saved.append((module, name, getattr(module, name)))
         setattr(module, name, value)
 
+    from hash3d_dg.guidance import graphed
+
+    original_run = graphed._Captured.run_eager
+
+    def run_eager(self):
+        with counter.graph_replay():
+            return original_run(self)
+
+    patch(graphed._Captured, "run_eager", run_eager)
     original_mesh = mb.rasterize_mesh
     patch(gb, "rasterize_torch", _excluding(gb.rasterize_torch, counter))
     wrapped_mesh = _excluding(original_mesh, counter)
@@ -467,6 +500,8 @@ def _summary(windows: list[Counts], steady: list[int], check: list[int]) -> dict
     out = {"kernels_per_iter": per_iter("kernels"), "syncs_per_iter": per_iter("syncs"),
            "uploads_per_iter": per_iter("uploads"),
            "async_uploads_per_iter": per_iter("async_uploads"),
+           "graph_launches_per_iter": per_iter("graph_launches"),
+           "graphed_kernels_per_iter": per_iter("graphed_kernels"),
            "rasterizer_per_iter": {"kernels": per_iter("rasterizer_kernels"),
                                    "syncs": per_iter("rasterizer_syncs")},
            "max_syncs_per_steady_iter": max((windows[i].syncs for i in steady), default=None),
@@ -521,9 +556,13 @@ def _steady(n_windows: int, iters: int, skip_first: int = 2) -> tuple[list[int],
     return steady, check
 
 
-def count_stage(stage: str, mode: str, guidance=None, cfg=None) -> dict:
+def count_stage(stage: str, mode: str, guidance=None, cfg=None, graphs: bool = True) -> dict:
     """Counts of one stage (``stage1`` or ``stage2``) in one Hash3D mode (see the module
-    docstring); ``guidance`` and ``cfg`` default to the tiny model and ``launch_config(mode)``."""
+    docstring); ``guidance`` and ``cfg`` default to the tiny model and ``launch_config(mode)``.
+    ``graphs``: the UNet calls go through ``GraphedSplit`` as with ``guidance.cuda_graphs=auto``
+    on CUDA (each replay one launch), else eager."""
+    from hash3d_dg.guidance.graphed import GraphedSplit
+
     from hash3d_dg import accel
     from hash3d_dg.bench.harness import standin_mesh
     from hash3d_dg.pipeline import build_guidance
@@ -537,6 +576,11 @@ def count_stage(stage: str, mode: str, guidance=None, cfg=None) -> dict:
     ref = ReferenceView.from_rgba(render_sample("ball", cfg.stage1.ref_size), cfg.elevation,
                                   cfg.radius, cfg.fovy, cfg.stage1.ref_size)
     guidance.set_reference(ref.image_nchw(), cfg.elevation)
+    model = guidance.denoiser.model
+    if graphs and not isinstance(model, GraphedSplit):
+        guidance.denoiser.model = GraphedSplit(model, capture=False)
+    elif not graphs and isinstance(model, GraphedSplit):
+        guidance.denoiser.model = model.split
     mesh = standin_mesh(texture_size=32, subdivisions=2) if stage == "stage2" else None
     counter = LaunchCounter()
     start = time.perf_counter()
@@ -556,21 +600,21 @@ def count_stage(stage: str, mode: str, guidance=None, cfg=None) -> dict:
 MODES = ("off", "paper", "official", "fast")
 
 
-def launches_report(modes=MODES, stages=("stage1", "stage2")) -> dict:
+def launches_report(modes=MODES, stages=("stage1", "stage2"), graphs: bool = True) -> dict:
     from hash3d_dg.pipeline import build_guidance
 
     torch.set_num_threads(1)
     result = {"what": "aten ops on device tensors (kernels), host syncs and uploads per "
                       "steady-state iteration, counted on the CPU on the accelerator's code path "
                       "(hash3d_dg/bench/launches.py); rasteriser excluded",
-              "modes": {}}
+              "cuda_graphs": graphs, "modes": {}}
     for mode in modes:
         cfg = launch_config(mode)
         guidance = build_guidance(cfg, torch.device("cpu"), torch.float32)
         per = {}
         for stage in stages:
             guidance.reset()
-            per[stage] = count_stage(stage, mode, guidance=guidance, cfg=cfg)
+            per[stage] = count_stage(stage, mode, guidance=guidance, cfg=cfg, graphs=graphs)
         result["modes"][mode] = per
     return result
 
@@ -580,10 +624,12 @@ def add_arguments(p) -> None:
     p.add_argument("--stages", nargs="+", default=["stage1", "stage2"],
                    choices=["stage1", "stage2"])
     p.add_argument("--sites", action="store_true", help="keep the sync/upload sites in the output")
+    p.add_argument("--no-graphs", action="store_true",
+                   help="count the eager UNet calls (guidance.cuda_graphs=off) instead of graph replays")
 
 
 def run_from_args(args) -> dict:
-    result = launches_report(tuple(args.modes), tuple(args.stages))
+    result = launches_report(tuple(args.modes), tuple(args.stages), graphs=not args.no_graphs)
     if not args.sites:
         for per in result["modes"].values():
             for stage in per.values():
