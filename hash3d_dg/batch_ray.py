@@ -2,8 +2,9 @@
 
 The driver lists the images, skips those whose complete result already exists (unless
 ``--overwrite``), and hands the rest out one at a time from a shared queue to a pool of Ray
-actors: one per GPU (``num_gpus=1``) when the cluster has GPUs, else ``--ray-workers`` CPU
-actors. Each actor builds one ``RunContext`` (the guidance model loads once per actor) and calls
+actors: one per GPU (``num_gpus=1``) when the cluster has GPUs, or several per GPU with
+``--ray-gpus-per-worker F`` (a fraction: ``0.25`` puts four on each GPU, each loading its own
+model), else ``--ray-workers`` CPU actors. Each actor builds one ``RunContext`` (the guidance model loads once per actor) and calls
 the CLI's ``run_image`` for every image it is given, writing the same per-image folders as the
 CLI. A failing image never stops the others; an image whose worker died (crash, OOM kill) goes
 back to the queue once, to another worker, and is reported failed if that one dies too; a dead
@@ -163,10 +164,12 @@ def _connect(ray, address: str, workers: int | None, debug: bool) -> None:
 class _Pool:
     """Actors handed images one at a time from the driver's queue."""
 
-    def __init__(self, ray, size: int, use_gpu: bool, init_args: tuple) -> None:
+    def __init__(self, ray, size: int, use_gpu: bool, init_args: tuple,
+                 gpus_per_worker: float = 1.0) -> None:
         self.ray, self.use_gpu, self.init_args = ray, use_gpu, init_args
         self.remote_cls = ray.remote(Worker).options(
-            num_gpus=1 if use_gpu else 0, num_cpus=1, max_restarts=0, max_task_retries=0)
+            num_gpus=gpus_per_worker if use_gpu else 0, num_cpus=1, max_restarts=0,
+            max_task_retries=0)
         self.count = 0
         self.replacements_left = size  # replace dead workers, within bounds
         self.starting: dict = {}  # ref of info() -> slot
@@ -191,10 +194,11 @@ class _Pool:
             self.ray.kill(slot.actor)
 
 
-def _run_pool(ray, pending: deque, size: int, use_gpu: bool, init_args: tuple) -> tuple[list[dict], list[dict]]:
+def _run_pool(ray, pending: deque, size: int, use_gpu: bool, init_args: tuple,
+              gpus_per_worker: float = 1.0) -> tuple[list[dict], list[dict]]:
     """Run every pending image; returns (rows, the workers' info)."""
     rows: list[dict] = []
-    pool = _Pool(ray, size, use_gpu, init_args)
+    pool = _Pool(ray, size, use_gpu, init_args, gpus_per_worker)
     inflight: dict = {}  # ref of run() -> (slot, item)
     from ray.exceptions import RayActorError
 
@@ -273,6 +277,10 @@ def main(args) -> int:
         address = _address(args)
         if args.ray_workers is not None and args.ray_workers < 1:
             raise ConfigError(f"--ray-workers must be at least 1, got {args.ray_workers}")
+        per_gpu = getattr(args, "ray_gpus_per_worker", None)
+        if per_gpu is not None and not (0 < per_gpu <= 1 or float(per_gpu).is_integer()):
+            raise ConfigError(f"--ray-gpus-per-worker must be a fraction in (0, 1] or a whole number, "
+                              f"got {per_gpu}")
         if args.name:
             raise ConfigError("--name cannot be used with --ray (each image is named after its file)")
         from hash3d_dg.config import load_config
@@ -321,14 +329,17 @@ def main(args) -> int:
             ray_address = ray.get_runtime_context().gcs_address
             gpus = int(ray.cluster_resources().get("GPU", 0))
             use_gpu = gpus > 0 and cfg.device != "cpu"
-            size = args.ray_workers or (gpus if use_gpu else 1)
+            # several workers may share a GPU (--ray-gpus-per-worker 0.25: four per GPU; a stage-1
+            # iteration keeps a GPU 25-39 % busy, so the GPU has room for the others' kernels)
+            per_gpu = float(getattr(args, "ray_gpus_per_worker", None) or 1.0)
+            size = args.ray_workers or (max(1, int(gpus / per_gpu + 1e-9)) if use_gpu else 1)
             size = min(size, len(pending))
             log.info(f"Ray at {ray_address}: {size} {'GPU' if use_gpu else 'CPU'} worker(s) for "
                      f"{len(pending)} image(s)" + (f", {len(rows)} skipped" if rows else ""))
             # A GPU actor sees only its own GPU (Ray sets CUDA_VISIBLE_DEVICES): plain "cuda".
             worker_overrides = overrides + (["device=cuda"] if use_gpu and cfg.device not in ("auto", "cuda") else [])
             init_args = (args.config, worker_overrides, str(output_root), args.stage, args.debug)
-            pool_rows, workers = _run_pool(ray, pending, size, use_gpu, init_args)
+            pool_rows, workers = _run_pool(ray, pending, size, use_gpu, init_args, per_gpu)
             for row in pool_rows:
                 rows[row["name"]] = row
         finally:

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "an existing cluster; writes OUTPUT/batch_report.json")
     p.add_argument("--ray-workers", type=int, metavar="N",
                    help="with --ray: number of workers (default: one per GPU, or 1 CPU worker without GPUs)")
+    p.add_argument("--ray-gpus-per-worker", type=float, metavar="F",
+                   help="with --ray: GPUs each worker reserves (default 1; 0.25 puts four workers on each "
+                        "GPU for throughput, each with its own model copy)")
     p.add_argument("--overwrite", action="store_true",
                    help="with --ray: rerun images whose complete result already exists (default: skip them)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -46,6 +46,27 @@ def _cuda_available() -> bool:
         return False
 
 
+def check_nvcc() -> list[Check]:
+    """The CUDA compiler: gsplat builds its op with it on first use (and nvdiffrast, simple-knn)."""
+    import os  # noqa: PLC0415
+
+    path = shutil.which("nvcc")
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if path is None and home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
+        path = os.path.join(home, "bin", "nvcc")
+    if path is None and os.path.isfile("/usr/local/cuda/bin/nvcc"):
+        path = "/usr/local/cuda/bin/nvcc"
+    if path is None:
+        return [("nvcc", False, "not found: gsplat cannot build its CUDA op (install the CUDA toolkit, "
+                                "or set CUDA_HOME)")]
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20).stdout
+        release = next((line.strip() for line in out.splitlines() if "release" in line), "version unknown")
+    except (OSError, subprocess.SubprocessError) as error:
+        release = f"not runnable ({_import_error(error)})"
+    return [("nvcc", True, f"{path}: {release}")]
+
+
 def check_python() -> list[Check]:
     return [("python", True, f"{sys.version.split()[0]} ({sys.executable})")]
 
@@ -76,7 +97,14 @@ def check_gaussian_backends(cuda: bool) -> list[Check]:
 
             version = getattr(gsplat, "__version__", None) or _version("gsplat") or "?"
             if cuda:
-                checks.append(("gaussian rasterizer: gsplat", True, f"{version}, CUDA available (its CUDA op compiles on first use)"))
+                from hash3d_dg.gaussians.backends import gsplat_op_path, gsplat_op_state  # noqa: PLC0415
+
+                state = gsplat_op_state()
+                detail = {"prebuilt": "its CUDA op comes prebuilt",
+                          "built": f"its CUDA op is built ({gsplat_op_path()})",
+                          "not built": "its CUDA op is not built: the first run compiles it "
+                                       "(a minute or two, needs nvcc)"}[state]
+                checks.append(("gaussian rasterizer: gsplat", True, f"{version}, CUDA available, {detail}"))
             else:
                 checks.append(("gaussian rasterizer: gsplat", False, f"{version} importable, but needs CUDA (not available)"))
         except Exception as error:  # noqa: BLE001
@@ -212,6 +240,7 @@ def collect() -> list[Check]:
     checks += _guarded(check_python, "python")
     checks += _guarded(check_torch, "torch")
     cuda = _cuda_available()
+    checks += _guarded(check_nvcc, "nvcc")
     checks += _guarded(lambda: check_gaussian_backends(cuda), "gaussian rasterizers")
     checks += _guarded(lambda: check_mesh_backends(cuda), "mesh rasterizers")
     checks += _guarded(lambda: check_simple_knn(cuda), "simple_knn")

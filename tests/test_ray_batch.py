@@ -171,3 +171,44 @@ def test_unusable_or_shared_names_are_refused_before_ray_starts(files, expected,
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert rc == 2 and len(err) == 1 and expected in err[0], err
     assert not output.exists()
+
+
+class _FakeRay:
+    """Just enough of Ray for the pool's actor options."""
+
+    def __init__(self):
+        self.options = None
+
+    def remote(self, cls):
+        fake = self
+
+        class Remote:
+            def options(self, **kwargs):
+                fake.options = kwargs
+                return self
+
+            def remote(self, *args):
+                class Actor:
+                    class info:
+                        @staticmethod
+                        def remote():
+                            return object()
+                return Actor()
+        return Remote()
+
+
+@pytest.mark.parametrize("use_gpu, per_gpu, expected", [(True, 0.25, 0.25), (True, 1.0, 1.0),
+                                                        (False, 0.25, 0)])
+def test_workers_reserve_a_fraction_of_a_gpu(use_gpu, per_gpu, expected):
+    from hash3d_dg.batch_ray import _Pool
+
+    ray = _FakeRay()
+    pool = _Pool(ray, 4, use_gpu, (), per_gpu)
+    assert ray.options["num_gpus"] == expected and len(pool.starting) == 4
+
+
+def test_gpus_per_worker_must_be_a_fraction_or_whole(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    code = cli.main(["--image", str(tmp_path / "in"), "--ray", "--ray-gpus-per-worker", "1.5",
+                     "--output", str(tmp_path / "out"), "--config", str(REPO / "configs/smoke.yaml")])
+    assert code != 0 and "--ray-gpus-per-worker" in capsys.readouterr().err
