@@ -375,7 +375,8 @@ def summarize(results: dict) -> str:
         if "error" in row:
             lines.append(f"compare mesh {name}: error {row['error']}")
             continue
-        lines.append(f"compare mesh {name} vs torch: tri_id agree {_fmt(row['tri_agree'], 5)}, rgb "
+        lines.append(f"compare mesh {name} vs torch: tri_id agree {_fmt(row['tri_agree'], 5)} "
+                     f"({_fmt(row.get('tri_agree_snapped'), 5)} against the 1/16-px snapped mesh), rgb "
                      f"max {_fmt(row['rgb_max'])}, depth max {_fmt(row['depth_max'])}, texture "
                      f"grad cos {_fmt(row['grad_cos'], 4)}")
     if c.get("checks"):

@@ -242,7 +242,20 @@ def _compare_mesh(device) -> dict:
     covered = (a.tri_id >= 0) | (b.tri_id >= 0)
     same = (a.tri_id == b.tri_id) & covered
     both = (a.tri_id >= 0) & (b.tri_id >= 0)
+    # nvdiffrast snaps projected vertices to 1/16 pixel (mesh/rasterize_nvdiffrast.py): the torch
+    # raster of the snapped mesh must cover the same pixels with the same triangles
+    from hash3d_dg.mesh import Mesh
+    from hash3d_dg.mesh.rasterize_nvdiffrast import snap_to_subpixels
+
+    snapped = Mesh(v=snap_to_subpixels(mesh.v, cam), f=mesh.f, vn=mesh.vn, vt=mesh.vt,
+                   ft=mesh.ft, albedo=mesh.albedo)
+    with torch.no_grad():
+        c = rasterize_mesh(snapped, cam, torch.ones(3, device=device), backend="torch",
+                           albedo=texture0)
+    covered_s = (a.tri_id >= 0) | (c.tri_id >= 0)
     return {"tri_agree": float(same.sum() / covered.sum().clamp_min(1)),
+            "tri_agree_snapped": float(((a.tri_id == c.tri_id) & covered_s).sum()
+                                       / covered_s.sum().clamp_min(1)),
             "rgb_max": float((a.rgb - b.rgb).detach().abs().max()),
             "rgb_mean": float((a.rgb - b.rgb).detach().abs().mean()),
             "depth_max": float((a.depth - b.depth)[both].abs().max()),
@@ -296,7 +309,10 @@ def part_compare(backends: list[str]) -> dict:
         try:
             row = _compare_mesh(device)
             result["mesh"]["nvdiffrast"] = row
-            result["checks"]["mesh-nvdiffrast"] = bool(row["tri_agree"] > 0.99 and row["grad_cos"] > 0.95)
+            # the coverage check against the snapped torch raster (the unsnapped one differs on
+            # ~1.2 % of pixels by design: sub-pixel snapping, see snap_to_subpixels)
+            result["checks"]["mesh-nvdiffrast"] = bool(row["tri_agree_snapped"] > 0.995
+                                                       and row["grad_cos"] > 0.95)
         except Exception as exc:  # noqa: BLE001
             result["mesh"]["nvdiffrast"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             result["checks"]["mesh-nvdiffrast"] = False
