@@ -92,3 +92,30 @@ def test_doctor_reports_nvcc(monkeypatch):
                         "isfile", lambda path: False)
     (name, ok, detail), = doctor.check_nvcc()
     assert name == "nvcc" and not ok and "gsplat" in detail
+
+
+def test_a_complete_cached_snapshot_loads_without_asking_the_hub(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    from hash3d_dg.guidance import loading
+
+    snap = tmp_path / "snap"
+    for name in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors"):
+        (snap / name).parent.mkdir(parents=True, exist_ok=True)
+        (snap / name).write_text("{}")
+    calls = []
+
+    def snapshot_download(repo, allow_patterns=None, local_files_only=False):
+        calls.append(("snapshot", local_files_only))
+        return str(snap)
+
+    def model_info(*args, **kwargs):
+        calls.append(("probe",))
+        raise AssertionError("no hub round trip expected")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "model_info", model_info)
+    monkeypatch.setattr(loading, "_hub_offline", lambda: False)
+    assert loading._resolve_local_dir("someone/some-model") == snap
+    assert calls == [("snapshot", True)]
