@@ -18,15 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hash3d_dg.atomic import save_image_atomic, write_json_atomic
+from hash3d_dg.output.atomic import save_image_atomic, write_json_atomic
 from hash3d_dg.config import TINY_MODEL, RunConfig
 from hash3d_dg.errors import ConfigError, InputError, UserError
 from hash3d_dg.gaussians import load_ply, resolve_gaussian_backend, save_ply
 from hash3d_dg.mesh import export_glb, export_obj, resolve_mesh_backend
-from hash3d_dg.names import image_name
-from hash3d_dg.outputs import OutputFolder
+from hash3d_dg.output.names import image_name
+from hash3d_dg.output.folder import OutputFolder
 from hash3d_dg.preprocess import PreparedImage, load_image, prepare_image
-from hash3d_dg.previews import PREVIEW_ELEVATION, contact_sheet, render_views, write_turntable
+from hash3d_dg.output.previews import PREVIEW_ELEVATION, contact_sheet, render_views, write_turntable
 from hash3d_dg.stages import ReferenceView, extract_textured_mesh, run_stage1, run_stage2
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,8 @@ def build_guidance(cfg: RunConfig, device: torch.device, dtype: torch.dtype, com
 
     ``components``: an already loaded checkpoint to wrap instead of loading ``cfg.guidance.model``.
     """
-    from hash3d_dg.cache import CachedDenoiser, UNetSplit, make_cache
+    from hash3d_dg.cache import CachedDenoiser, make_cache
+    from hash3d_dg.guidance.unet_split import UNetSplit
     from hash3d_dg.guidance import Zero123Guidance, load_zero123
     from hash3d_dg.guidance.loading import load_latent_vae
 
@@ -314,7 +315,7 @@ def iter_images(images: list[Path], ctx: RunContext, output_root: str | Path = "
     ``RunInterrupted``) propagates: the inputs yielded so far are complete on disk.
     """
     from hash3d_dg.errors import DivergenceError, OutputError, UserError
-    from hash3d_dg.names import check_name, output_names
+    from hash3d_dg.output.names import check_name, output_names
 
     # Every name checked before any work (a bad or shared name fails the call, not one input).
     names = [check_name(n, output_root) for n in names] if names else output_names(images, output_root)

@@ -11,7 +11,7 @@ import pytest
 from hash3d_dg.bench.breakdown import PARTS, _cumulative, macs_by_part
 from hash3d_dg.bench.flops import flops_report
 from hash3d_dg.bench.macs import macs_report, mode_settings, per_call_gmacs
-from hash3d_dg.bench.pareto import pareto_front
+from hash3d_dg.eval.pareto import pareto_front
 
 
 def test_flops_report_names_every_point():

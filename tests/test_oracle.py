@@ -9,9 +9,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from hash3d_dg.bench.oracle import (SCHEDULER_CONFIG, OracleDenoiser, OracleGuidance, oracle_report,
+from hash3d_dg.eval.oracle import (SCHEDULER_CONFIG, OracleDenoiser, OracleGuidance, oracle_report,
                                     resolve_settings, run_oracle_once)
-from hash3d_dg.bench.oracle_scene import OracleScene, build_scene_mesh
+from hash3d_dg.eval.oracle_scene import OracleScene, build_scene_mesh
 from hash3d_dg.cache import CachedDenoiser, CacheKey, Hash3DCache, Hash3DConfig, SplitDenoiser
 
 SIZE = 24

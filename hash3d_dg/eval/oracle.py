@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
-from hash3d_dg.bench.oracle_scene import OracleScene, render_mesh_rgba
+from hash3d_dg.eval.oracle_scene import OracleScene, render_mesh_rgba
 from hash3d_dg.cache import CachedDenoiser, CacheKey, Hash3DConfig, make_cache
 from hash3d_dg.camera import Camera
 from hash3d_dg.config import RunConfig, build_config
