@@ -7,6 +7,7 @@ several input images (device, backends, the guidance model) lives in a ``RunCont
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 import os
 import platform
@@ -69,11 +70,23 @@ def tiny_model_dir(family: str = "stable", seed: int = 0) -> Path:
     return target
 
 
-def build_guidance(cfg: RunConfig, device: torch.device, dtype: torch.dtype, components=None):
-    """Zero-1-to-3 guidance whose UNet runs through the Hash3D cache (or none when mode=off).
+#: ``guidance.type`` -> the builder of that guidance, ``builder(cfg, device, dtype)`` (imported
+#: on use: each brings its own model libraries).
+GUIDANCE_BUILDERS = {
+    "oracle": "hash3d_dg.eval.oracle:build_guidance",
+}
 
-    ``components``: an already loaded checkpoint to wrap instead of loading ``cfg.guidance.model``.
+
+def build_guidance(cfg: RunConfig, device: torch.device, dtype: torch.dtype, components=None):
+    """The run's guidance (``guidance.type``), its denoiser wrapped by the Hash3D cache (or none
+    when mode=off). Zero-1-to-3 by default.
+
+    ``components``: an already loaded Zero-1-to-3 checkpoint to wrap instead of loading
+    ``cfg.guidance.model``.
     """
+    if cfg.guidance.type in GUIDANCE_BUILDERS:
+        module, name = GUIDANCE_BUILDERS[cfg.guidance.type].split(":")
+        return getattr(importlib.import_module(module), name)(cfg, device, dtype)
     from hash3d_dg.cache import CachedDenoiser, make_cache
     from hash3d_dg.guidance.unet_split import UNetSplit
     from hash3d_dg.guidance import Zero123Guidance, load_zero123
@@ -124,7 +137,8 @@ class RunContext:
         model when model, family, device and dtype agree; the Hash3D table and the guidance
         wrapper are built anew from ``cfg``, so no state of an earlier job carries over."""
         other = RunContext.create(cfg, progress=self.progress)
-        same_model = (other.device, other.dtype, cfg.guidance.model, cfg.guidance.family) == (
+        same_model = cfg.guidance.type == self.cfg.guidance.type == "zero123" and (
+            other.device, other.dtype, cfg.guidance.model, cfg.guidance.family) == (
             self.device, self.dtype, self.cfg.guidance.model, self.cfg.guidance.family)
         if same_model and self._guidance is not None and other.needs_guidance:
             other._guidance = build_guidance(other.cfg, other.device, other.dtype,
@@ -156,7 +170,8 @@ class RunContext:
         hash3d = cfg.hash3d.mode if cfg.hash3d.mode == "off" else (
             f"{cfg.hash3d.mode} (eta {cfg.hash3d.eta}, {len(cfg.hash3d.grids)} grid(s), "
             f"cache point {cfg.hash3d.cache_point}, stage 2 {cfg.hash3d.stage2})")
-        model = cfg.guidance.model if self.needs_guidance else "none (lambda_zero123=0)"
+        model = (("the oracle object (guidance.type=oracle)" if cfg.guidance.type == "oracle" else cfg.guidance.model)
+                 if self.needs_guidance else "none (lambda_zero123=0)")
         return (f"device {self.device} | dtype {str(self.dtype).replace('torch.', '')} | "
                 f"gaussians: {self.gaussian_backend} | mesh: {self.mesh_backend} | "
                 f"model: {model} | hash3d: {hash3d}")
@@ -238,7 +253,7 @@ def run_image(image_path: str | Path, ctx: RunContext, output_root: str | Path =
                                       cfg.stage1.ref_size, ctx.device)
         guidance = ctx.guidance_for_image()
         if guidance is not None:
-            report["model_family"] = guidance.components.family
+            report["model_family"] = guidance.family
             guidance.set_reference(ref.image_nchw(), cfg.elevation)
 
         # 2. Stage 1: Gaussians.
