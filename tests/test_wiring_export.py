@@ -234,3 +234,125 @@ def test_obj_without_uvs_writes_plain_corners(tmp_path, with_normals):
     face = next(line for line in text.splitlines() if line.startswith("f "))
     assert face == ("f 1//1 2//2 3//3" if with_normals else "f 1 2 3")
     assert "mtllib" not in text and not (tmp_path / "p.mtl").exists()
+
+
+def test_obj_with_uvs_and_no_normals_writes_position_uv_corners(tmp_path):
+    v = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    mesh = Mesh(v, torch.tensor([[0, 1, 2]]), None, torch.tensor([[0.1, 0.2], [0.9, 0.2], [0.1, 0.8]]),
+                torch.tensor([[2, 0, 1]]))
+    text = export_obj(mesh, tmp_path / "u.obj").read_text()
+    assert next(line for line in text.splitlines() if line.startswith("f ")) == "f 1/3 2/1 3/2"
+    assert "mtllib" not in text  # uvs without a texture: no material
+    _, vt, _, faces, _, _ = parse_obj(text)
+    np.testing.assert_allclose(vt[faces[0, :, 1]], [[0.1, 0.8], [0.1, 0.2], [0.9, 0.2]])
+
+
+def test_obj_texture_without_uvs_is_not_written(tmp_path):
+    v = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    mesh = Mesh(v, torch.tensor([[0, 1, 2]]), albedo=torch.rand(4, 4, 3))
+    export_obj(mesh, tmp_path / "t.obj")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.obj"]
+
+
+def test_mtl_is_a_plain_albedo_material(tmp_path):
+    """Every MTL line is a known statement; the material is a plain albedo: white ambient and
+    diffuse factors (the texture carries the colour), no specular, opaque, no lighting model
+    beyond colour (illum 1), and map_Kd the PNG."""
+    export_obj(textured_mesh(), tmp_path / "m.obj")
+    statements = {}
+    for line in (tmp_path / "m.mtl").read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        key, *values = line.split()
+        statements[key] = values
+    assert statements == {"newmtl": ["material0"], "Ka": ["1", "1", "1"], "Kd": ["1", "1", "1"],
+                          "Ks": ["0", "0", "0"], "Ns": ["0"], "d": ["1"], "illum": ["1"],
+                          "map_Kd": ["m_albedo.png"]}
+    assert (tmp_path / "m.obj").read_text().startswith("# hash3d-dg mesh\nmtllib m.mtl\n")
+
+
+@pytest.mark.parametrize("kind", ["glb", "obj"])
+def test_export_creates_missing_folders_and_writes_hidden_temporaries_beside_the_target(
+        tmp_path, monkeypatch, kind):
+    import os
+
+    from hash3d_dg.mesh import export as export_mod
+
+    moves = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        moves.append((str(src), str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(export_mod.os, "replace", replace)
+    old = os.umask(0o027)
+    try:
+        target = tmp_path / "a" / "b" / f"model.{kind}"
+        (export_glb if kind == "glb" else export_obj)(textured_mesh(), target)
+    finally:
+        os.umask(old)
+    assert target.exists()
+    for src, dst in moves:
+        assert os.path.dirname(src) == os.path.dirname(dst) == str(target.parent)
+        name = os.path.basename(src)
+        assert name.startswith("." + os.path.basename(dst) + ".") and name.endswith(".tmp"), name
+        assert (os.stat(dst).st_mode & 0o777) == 0o640  # 0666 under the umask 027, not mkstemp's 0600
+    assert [os.path.basename(d) for _, d in moves][-1] == f"model.{kind}"  # the OBJ last
+
+
+def _glb_bytes(gltf: dict, binary: bytes = b"") -> bytes:
+    text = json.dumps(gltf).encode()
+    text += b" " * (-len(text) % 4)
+    binary += b"\0" * (-len(binary) % 4)
+    chunks = struct.pack("<II", len(text), 0x4E4F534A) + text
+    if binary:
+        chunks += struct.pack("<II", len(binary), 0x004E4942) + binary
+    return struct.pack("<4sII", b"glTF", 2, 12 + len(chunks)) + chunks
+
+
+def test_load_mesh_refuses_a_file_without_a_mesh(tmp_path):
+    from hash3d_dg.mesh.export import load_mesh
+
+    path = tmp_path / "empty.glb"
+    path.write_bytes(_glb_bytes({"asset": {"version": "2.0"}, "scene": 0,
+                                 "scenes": [{"nodes": [0]}], "nodes": [{"name": "empty"}]}))
+    with pytest.raises(ValueError, match="empty.glb: no mesh in the file"):
+        load_mesh(path)
+
+
+def test_load_mesh_applies_node_transforms_and_joins_several_meshes(tmp_path):
+    from hash3d_dg.mesh.export import load_mesh
+
+    tri = trimesh.Trimesh([[0, 0, 0], [1, 0, 0], [0, 1, 0]], [[0, 1, 2]], process=False)
+    shift = np.eye(4)
+    shift[:3, 3] = [0.0, 0.0, 2.0]
+    one = trimesh.Scene()
+    one.add_geometry(tri, transform=shift)
+    path = tmp_path / "one.glb"
+    path.write_bytes(one.export(file_type="glb"))
+    back = load_mesh(path)
+    np.testing.assert_allclose(back.v[back.f].numpy()[0], [[0, 0, 2], [1, 0, 2], [0, 1, 2]], atol=1e-6)
+
+    two = trimesh.Scene()
+    two.add_geometry(tri, node_name="a", geom_name="a")
+    two.add_geometry(tri.copy(), node_name="b", geom_name="b", transform=shift)
+    path = tmp_path / "two.glb"
+    path.write_bytes(two.export(file_type="glb"))
+    back = load_mesh(path)
+    assert back.num_faces == 2
+    corners = sorted(map(tuple, back.v[back.f].numpy().reshape(-1, 3).round(6).tolist()))
+    assert corners == sorted([(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 2), (1, 0, 2), (0, 1, 2)])
+
+
+def test_load_mesh_keeps_vertices_as_stored(tmp_path):
+    """No processing on load: coincident vertices of separate triangles stay separate."""
+    from hash3d_dg.mesh.export import load_mesh
+
+    v = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 0], [1, 0, 0], [0, -1, 0]])
+    mesh = Mesh(v, torch.tensor([[0, 1, 2], [3, 5, 4]])).compute_normals()
+    for path in (export_obj(mesh, tmp_path / "d.obj"), export_glb(mesh, tmp_path / "d.glb")):
+        back = load_mesh(path)
+        assert back.num_vertices == 6, path
+        assert back.v.device.type == "cpu"
+    assert load_mesh(tmp_path / "d.glb", device="meta").v.device.type == "meta"
