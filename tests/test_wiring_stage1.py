@@ -164,6 +164,7 @@ def reference_stage1(ref: ReferenceView, cfg, guidance=None):
                      opacity_reset_interval=s1.opacity_reset_interval)
     white, black = torch.ones(3), torch.zeros(3)
     counts = {"cloned": 0, "split": 0, "pruned": 0}
+    losses = []
     for step in range(1, s1.iters + 1):
         ratio = min(1.0, step / s1.iters)
         for g in opt.param_groups:
@@ -191,6 +192,7 @@ def reference_stage1(ref: ReferenceView, cfg, guidance=None):
             loss = loss + cfg.guidance.lambda_zero123 * guidance.sds(
                 torch.stack(images), vers, hors, [0.0] * len(vers),
                 step_ratio=ratio if s1.anneal_timestep else None)
+        losses.append(float(loss))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -201,6 +203,9 @@ def reference_stage1(ref: ReferenceView, cfg, guidance=None):
     with torch.no_grad():
         out = model.render(ref.camera, white, backend="torch")
     mse = float(((out.image - ref.rgb) ** 2).mean())
+    reference_stage1.losses = losses
+    a, b = out.alpha > 0.5, ref.mask > 0.5
+    reference_stage1.iou = float((a & b).sum()) / float((a | b).sum())
     return model, counts, -10 * math.log10(mse)
 
 
@@ -216,10 +221,18 @@ def _same_run(result, model, counts, psnr):
 def test_stage1_matches_the_reference_loop_without_guidance():
     cfg = config()
     ref = reference_view(cfg)
-    result = run_stage1(ref, cfg, None, progress=False)
+    seen = []
+    result = run_stage1(ref, cfg, None, progress=False, progress_callback=seen.append)
     model, counts, psnr = reference_stage1(ref, cfg)
     assert counts["cloned"] + counts["split"] > 0 and counts["pruned"] > 0  # the test can see both
     _same_run(result, model, counts, psnr)
+    # the progress reports: every step on the CPU, with the step's loss
+    assert [e["step"] for e in seen] == list(range(1, 41))
+    assert all(e["stage"] == "stage1" and e["total"] == 40 and e["hit_rate"] == 0.0 for e in seen)
+    assert [e["loss"] for e in seen] == pytest.approx(reference_stage1.losses, rel=1e-4)
+    assert result.report["final_loss"] == pytest.approx(reference_stage1.losses[-1], rel=1e-4)
+    assert result.report["iters"] == 40 and result.report["seconds"] > 0
+    assert result.report["ref_mask_iou"] == pytest.approx(reference_stage1.iou, abs=1e-3)
 
 
 def test_stage1_matches_the_reference_loop_with_guidance():

@@ -58,12 +58,18 @@ MODULES: dict[str, dict] = {
     "stage1": {
         "mutate": ["hash3d_dg/stages/stage1.py"],
         "before": ["tests/test_stages.py", "tests/test_gaussians_fit.py"],
-        "after": ["tests/test_wiring_stage1.py"],
+        # the new reference-loop tests and the fast divergence tests of test_stages.py
+        "after": ["tests/test_wiring_stage1.py",
+                  "tests/test_stages.py::test_stage1_stops_at_a_non_finite_loss",
+                  "tests/test_stages.py::test_stage1_stops_at_a_non_finite_render_before_touching_the_gaussians",
+                  "tests/test_stages.py::test_stage1_off_mode_never_touches_a_cache"],
     },
     "stage2": {
         "mutate": ["hash3d_dg/stages/stage2.py"],
         "before": ["tests/test_stages.py"],
-        "after": ["tests/test_stages.py", "tests/test_wiring_stage2.py"],
+        "after": ["tests/test_wiring_stage2.py",
+                  "tests/test_stages.py::test_stage2_stops_at_a_non_finite_render",
+                  "tests/test_stages.py::test_stage2_fits_the_reference_texture_without_guidance"],
     },
     "export": {
         "mutate": ["hash3d_dg/mesh/export.py"],
@@ -137,7 +143,7 @@ def run(module: str, phase: str, commit: str | None, keep: bool, max_children: i
     work = Path(tempfile.mkdtemp(prefix=f"mutation_{module}_{phase}_"))
     commit = commit or "HEAD"
     _export(commit, work)
-    tests = [t for t in tests if (work / t).exists()]
+    tests = [t for t in tests if (work / t.split("::")[0]).exists()]
     with open(work / "pyproject.toml", "a") as fh:
         fh.write(_section(spec, tests))
     mutmut = shutil.which("mutmut") or "mutmut"
