@@ -137,7 +137,8 @@ def _status(code) -> str:
     return "killed"
 
 
-def run(module: str, phase: str, commit: str | None, keep: bool, max_children: int) -> dict:
+def run(module: str, phase: str, commit: str | None, keep: bool, max_children: int,
+        budget: float = 1800.0) -> dict:
     spec = MODULES[module]
     tests = spec[phase]
     work = Path(tempfile.mkdtemp(prefix=f"mutation_{module}_{phase}_"))
@@ -150,8 +151,20 @@ def run(module: str, phase: str, commit: str | None, keep: bool, max_children: i
     cmd = ["nice", "-n", "10", mutmut, "run", "--max-children", str(max_children)]
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     start = time.time()
-    done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
+    log = open(work / "mutmut.log", "w+")
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    timed_out = False
+    try:
+        proc.wait(timeout=budget)
+    except subprocess.TimeoutExpired:  # keep what was decided; the rest counts as not checked
+        timed_out = True
+        os.killpg(proc.pid, 15)
+        proc.wait()
     seconds = time.time() - start
+    log.seek(0)
+    log_text = log.read()
+    log.close()
     codes = _meta_results(work)
     verdicts = {name: _status(code) for name, code in sorted(codes.items())}
     counts: dict[str, int] = {}
@@ -159,8 +172,8 @@ def run(module: str, phase: str, commit: str | None, keep: bool, max_children: i
         counts[v] = counts.get(v, 0) + 1
     record = {"module": module, "phase": phase, "commit": _rev(commit), "files": spec["mutate"],
               "tests": tests, "command": " ".join(cmd[3:]), "seconds": round(seconds, 1),
-              "returncode": done.returncode, "counts": counts, "verdicts": verdicts,
-              "log_tail": (done.stdout + done.stderr)[-3000:]}
+              "returncode": proc.returncode, "timed_out": timed_out, "budget_s": budget,
+              "counts": counts, "verdicts": verdicts, "log_tail": log_text[-3000:]}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{module}_{phase}.json").write_text(json.dumps(record, indent=1) + "\n")
     if keep:
@@ -221,10 +234,12 @@ def main(argv=None) -> int:
     r.add_argument("--commit", default=None, help="commit to copy (default HEAD)")
     r.add_argument("--keep", action="store_true", help="keep the scratch copy")
     r.add_argument("--max-children", type=int, default=1)
+    r.add_argument("--budget", type=float, default=1800.0,
+                   help="seconds for the module's run; mutants not reached count as not checked")
     sub.add_parser("summary")
     args = ap.parse_args(argv)
     if args.cmd == "run":
-        run(args.module, args.phase, args.commit, args.keep, args.max_children)
+        run(args.module, args.phase, args.commit, args.keep, args.max_children, args.budget)
     else:
         summary()
     return 0
