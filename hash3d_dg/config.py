@@ -35,12 +35,18 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 TINY_MODEL = "builtin:tiny"  # the built-in tiny random checkpoint (smoke runs, tests)
 
 
+#: Choices of the mesh bake (``mesh.bake_mode``, ``mesh.bake_views``); hash3d_dg.mesh.bake
+#: implements them under these names.
 MESH_BAKE_MODES = ("front", "first", "average")
 MESH_BAKE_VIEWS = ("default18", "upper14")
+#: Guidance implementations (``guidance.type``): the Zero-1-to-3 image guidance, or the oracle
+#: benchmark's analytic denoiser (it ignores the input and knows the oracle object).
+GUIDANCE_TYPES = ("zero123", "oracle")
 
 
 @dataclass
 class GuidanceConfig:
+    type: str = "zero123"  # zero123 | oracle (GUIDANCE_TYPES)
     model: str = "ashawkey/stable-zero123-diffusers"  # hub id, local directory or builtin:tiny
     family: str = "auto"  # auto | stable | xl
     guidance_scale: float = 5.0
@@ -450,11 +456,11 @@ def validate(cfg: RunConfig) -> None:
 
     choices = [
         ("matting", cfg.matting, ("auto", "alpha", "rembg", "border")),
+        ("guidance.type", g.type, GUIDANCE_TYPES),
         ("guidance.family", g.family, ("auto", "stable", "xl")),
         ("guidance.dtype", g.dtype, ("auto", "float16", "bfloat16", "float32")),
         ("guidance.vae", g.vae, ("auto", "full", "tiny")),
         # The mesh choices are checked here, before stage 1, not only when meshing starts
-        # (hash3d_dg.mesh.bake.BAKE_MODES / BAKE_VIEW_SETS; tests keep the lists equal).
         ("mesh.bake_mode", m.bake_mode, MESH_BAKE_MODES),
         ("mesh.bake_views", m.bake_views, MESH_BAKE_VIEWS),
         ("mesh.clean", m.clean, ("pymeshlab", "basic")),

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from hash3d_dg.cache import CachedDenoiser, CacheKey, Hash3DCache, Hash3DConfig, UNetSplit
+from hash3d_dg.cache import CachedDenoiser, CacheKey, Hash3DCache, Hash3DConfig
+from hash3d_dg.guidance.unet_split import UNetSplit
 from hash3d_dg.guidance import Zero123Guidance, load_zero123, write_tiny_checkpoint
 
 IMAGE_SIZE = 64  # latent 8 x 8

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from hash3d_dg import cli
-from hash3d_dg.batch_ray import REPORT_NAME, complete_report
+from hash3d_dg.apps import cli
+from hash3d_dg.apps.ray_batch import REPORT_NAME, complete_report
 
 REPO = Path(__file__).resolve().parent.parent
 STARTED = re.compile(r"^\[(?P<name>[^\]]+)\] started on (?P<worker>\S+) \(pid (?P<pid>\d+), attempt (?P<attempt>\d+)\)")
@@ -200,7 +200,7 @@ class _FakeRay:
 @pytest.mark.parametrize("use_gpu, per_gpu, expected", [(True, 0.25, 0.25), (True, 1.0, 1.0),
                                                         (False, 0.25, 0)])
 def test_workers_reserve_a_fraction_of_a_gpu(use_gpu, per_gpu, expected):
-    from hash3d_dg.batch_ray import _Pool
+    from hash3d_dg.apps.ray_batch import _Pool
 
     ray = _FakeRay()
     pool = _Pool(ray, 4, use_gpu, (), per_gpu)

@@ -83,7 +83,7 @@ def test_gsplat_op_state_follows_the_jit_build(monkeypatch, tmp_path):
 
 
 def test_doctor_reports_nvcc(monkeypatch):
-    from hash3d_dg import doctor
+    from hash3d_dg.apps import doctor
 
     monkeypatch.setattr(doctor.shutil, "which", lambda name: None)
     monkeypatch.delenv("CUDA_HOME", raising=False)

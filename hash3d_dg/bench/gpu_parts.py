@@ -527,7 +527,7 @@ def part_graphs(checkpoint: str, dtype: str = "float16", repeats: int = 20) -> d
     events, median of ``repeats``; and the largest difference between the two."""
     import torch
 
-    from hash3d_dg.cache import UNetSplit
+    from hash3d_dg.guidance.unet_split import UNetSplit
     from hash3d_dg.cache.config import NAMED_CACHE_POINTS
     from hash3d_dg.guidance.graphed import GraphedSplit
     from hash3d_dg.guidance.loading import load_zero123
@@ -647,11 +647,11 @@ def part_e2e(mode: str, checkpoint: str, out: Path, iters: int, iters_refine: in
     import hash3d_dg.pipeline  # noqa: F401
     IMPORT_SECONDS = time.perf_counter() - start
 
-    from hash3d_dg.atomic import save_image_atomic
+    from hash3d_dg.output.atomic import save_image_atomic
     from hash3d_dg.config import build_config
     from hash3d_dg.errors import ConfigError
     from hash3d_dg.pipeline import RunContext, run_image
-    from hash3d_dg.samples import render_sample
+    from hash3d_dg.eval.samples import render_sample
 
     import importlib.util
 

@@ -566,7 +566,7 @@ def count_stage(stage: str, mode: str, guidance=None, cfg=None, graphs: bool = T
     from hash3d_dg import accel
     from hash3d_dg.bench.harness import standin_mesh
     from hash3d_dg.pipeline import build_guidance
-    from hash3d_dg.samples import render_sample
+    from hash3d_dg.eval.samples import render_sample
     from hash3d_dg.stages import ReferenceView, run_stage1, run_stage2
 
     cfg = cfg or launch_config(mode)

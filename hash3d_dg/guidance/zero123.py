@@ -33,7 +33,8 @@ from diffusers import DDIMScheduler
 from PIL import Image
 
 from hash3d_dg.accel import upload
-from hash3d_dg.cache import CachedDenoiser, CacheKey, UNetSplit
+from hash3d_dg.cache import CachedDenoiser, CacheKey
+from hash3d_dg.guidance.unet_split import UNetSplit
 from hash3d_dg.guidance.base import FloatSeq, ScoreDistillation
 from hash3d_dg.guidance.loading import Zero123Components
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hash3d_dg.bench.flops import CACHE_POINTS
+from hash3d_dg.cache.config import CACHE_POINTS
 
 
 def _unets(seed: int):
@@ -23,7 +23,7 @@ def _unets(seed: int):
 
 def exactness_report(seed: int = 0, batch: int = 2, latent_size: int = 8) -> dict:
     """Max |shallow - full| per UNet and cache point, fp32 on CPU, CFG batch of ``batch``."""
-    from hash3d_dg.cache import UNetSplit
+    from hash3d_dg.guidance.unet_split import UNetSplit
 
     results = {}
     worst = 0.0
@@ -47,3 +47,11 @@ def exactness_report(seed: int = 0, batch: int = 2, latent_size: int = 8) -> dic
                 worst = max(worst, diff)
         results[name] = per_point
     return {"max_abs_diff": worst, "dtype": "float32", "device": "cpu", "models": results}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run_from_args(args) -> dict:
+    return exactness_report(args.seed)

@@ -19,26 +19,20 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 from pathlib import Path
 
+from hash3d_dg.apps.common import (EXIT_INTERRUPTED, EXIT_USER_ERROR, OneLineParser, configure_logging,
+                                   overrides_from_args, quiet_model_libraries, summary_line)
 from hash3d_dg.errors import ConfigError, RunInterrupted, UserError
 
 DEFAULT_CONFIG = "image.yaml"
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, as a shell reports Ctrl-C
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not usage + message
-        self.exit(EXIT_USER_ERROR, f"error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from hash3d_dg.config import config_keys
 
     epilog = "config keys (override with key=value):\n  " + "\n  ".join(config_keys())
-    p = _Parser(prog="main.py", description="One photo in, a textured 3D mesh (GLB) out.",
+    p = OneLineParser(prog="main.py", description="One photo in, a textured 3D mesh (GLB) out.",
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
     p.add_argument("--image", nargs="+", required=True, metavar="PATH",
                    help="input image(s) or a folder of images (PNG/JPEG/WebP; RGBA keeps its alpha)")
@@ -68,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Gaussian rasterizer (default: config, auto = gsplat on CUDA else torch)")
     p.add_argument("--backend-mesh", choices=["auto", "torch", "nvdiffrast"],
                    help="mesh rasterizer (default: config, auto = nvdiffrast on CUDA else torch)")
-    # Batch runs on Ray (hash3d_dg.batch_ray): one actor per GPU, or --ray-workers CPU actors.
+    # Batch runs on Ray (hash3d_dg.apps.ray_batch): one actor per GPU, or --ray-workers CPU actors.
     p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="run the images on Ray: no ADDRESS = a local Ray instance, 'auto' or host:port = "
                         "an existing cluster; writes OUTPUT/batch_report.json")
@@ -83,59 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p
-
-
-def overrides_from_args(args: argparse.Namespace) -> list[str]:
-    """Flags as config overrides, applied before the explicit key=value words."""
-    pairs = []
-    simple = {"elevation": "elevation", "seed": "seed", "device": "device", "model": "guidance.model",
-              "iters": "stage1.iters", "iters_refine": "stage2.iters", "eta": "hash3d.eta",
-              "backend_gaussian": "stage1.backend", "backend_mesh": "stage2.backend"}
-    for attr, key in simple.items():
-        value = getattr(args, attr)
-        if value is not None:
-            pairs.append(f"{key}={value}")
-    if args.hash3d is False:
-        if args.hash3d_mode or args.eta is not None:
-            raise ConfigError("--no-hash3d cannot be combined with --hash3d-mode or --eta")
-        pairs.append("hash3d.mode=off")
-    elif args.hash3d or args.hash3d_mode:
-        pairs.append(f"hash3d.mode={args.hash3d_mode or 'paper'}")
-    return pairs + list(args.overrides)
-
-
-def configure_logging(debug: bool, stream=None) -> None:
-    """Our INFO lines to ``stream`` (stdout by default); library chatter and warnings off.
-
-    Imports no model library (``--help`` and config errors must stay fast): diffusers and
-    transformers are quietened by :func:`quiet_model_libraries` once a run really starts.
-    """
-    handler = logging.StreamHandler(stream or sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    root = logging.getLogger("hash3d_dg")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    root.propagate = False
-    if not debug:
-        warnings.filterwarnings("ignore")
-        for name in ("diffusers", "transformers", "huggingface_hub"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def quiet_model_libraries(debug: bool) -> None:
-    """diffusers' and transformers' own verbosity and progress bars off (unless ``debug``)."""
-    if debug:
-        return
-    try:
-        import diffusers
-        import transformers
-
-        diffusers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 class _SignalGuard:
@@ -224,31 +165,17 @@ def format_table(results) -> str:
     return "\n".join(lines)
 
 
-def _summary_line(name: str, report: dict) -> str:
-    parts = [f"{name}: {report['total_seconds']:.1f}s"]
-    for key in ("stage1", "mesh", "stage2"):
-        if key in report:
-            parts.append(f"{key} {report[key]['seconds']:.1f}s")
-    unet = report.get("unet_total", {})
-    if unet.get("full_calls", 0) + unet.get("shallow_calls", 0):
-        parts.append(f"UNet full {unet['full_calls']} / shallow {unet['shallow_calls']} "
-                     f"(cache hit rate {unet['hit_rate']:.1%})")
-    if "stage1" in report:
-        parts.append(f"ref PSNR {report['stage1']['ref_psnr']:.2f} dB")
-    return " | ".join(parts)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["app"]:  # `hash3d-dg app ...`: the web page
-        from hash3d_dg.app import main as app_main
+        from hash3d_dg.apps.web import main as app_main
 
         return app_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.debug)
     if args.ray is not None:
-        from hash3d_dg import batch_ray
+        from hash3d_dg.apps import ray_batch as batch_ray
 
         return batch_ray.main(args)
     log = logging.getLogger("hash3d_dg")
@@ -258,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         with _SignalGuard():
             try:
                 from hash3d_dg.config import load_config
-                from hash3d_dg.names import check_name, output_names
+                from hash3d_dg.output.names import check_name, output_names
                 from hash3d_dg.preprocess import find_images
 
                 image_words, extra = split_image_words(args.image)
@@ -293,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(result)
                 if result.status == "ok":
                     finished.append(result.name)
-                    log.info(_summary_line(result.name, result.report))
+                    log.info(summary_line(result.name, result.report))
                     log.info("outputs: " + ", ".join(sorted(Path(p).name for p in result.report["outputs"].values()))
                              + f" in {Path(args.output) / result.name}")
                 elif result.status == "failed":
