@@ -561,7 +561,7 @@ def count_stage(stage: str, mode: str, guidance=None, cfg=None, graphs: bool = T
     docstring); ``guidance`` and ``cfg`` default to the tiny model and ``launch_config(mode)``.
     ``graphs``: the UNet calls go through ``GraphedSplit`` as with ``guidance.cuda_graphs=auto``
     on CUDA (each replay one launch), else eager."""
-    from hash3d_dg.guidance.graphed import GraphedSplit
+    from hash3d_dg.guidance.graphed import GraphedCalls, GraphedSplit
 
     from hash3d_dg import accel
     from hash3d_dg.bench.harness import standin_mesh
@@ -581,6 +581,8 @@ def count_stage(stage: str, mode: str, guidance=None, cfg=None, graphs: bool = T
         guidance.denoiser.model = GraphedSplit(model, capture=False)
     elif not graphs and isinstance(model, GraphedSplit):
         guidance.denoiser.model = model.split
+    if hasattr(guidance, "graph_calls"):  # stage 2's autoencoder calls
+        guidance.graph_calls = GraphedCalls(capture=False) if graphs else None
     mesh = standin_mesh(texture_size=32, subdivisions=2) if stage == "stage2" else None
     counter = LaunchCounter()
     start = time.perf_counter()

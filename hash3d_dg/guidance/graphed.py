@@ -16,6 +16,9 @@ replayed:
   graph, whose feature output is copied into the table.
 * Nothing inside a graph reads a device value on the host: the timestep reaches the UNet as a
   device tensor (the time embedding is computed from it on the device), shapes are host facts.
+* ``GraphedCalls`` does the same for stage 2's no-grad autoencoder calls (the refine's encode
+  and its decode); the SD VAE's posterior sample is drawn outside the graph from the guidance's
+  generator, on the graph's mean and std.
 * On the CPU (and with ``cuda_graphs=off``) the same object runs the same ops on the same static
   buffers eagerly (``capture=False``): the tests check on the CPU that this is bitwise the
   eager path, and on CUDA (``@pytest.mark.cuda``) that replaying equals the eager call within
@@ -110,6 +113,7 @@ class GraphedSplit:
         self.captures = 0
         self.replays = 0
         self.capture_seconds = 0.0
+        self.calls: GraphedCalls | None = None  # the guidance's autoencoder graphs (for stats)
 
     def __getattr__(self, name):  # unet, cache_point, n_skips, ...
         return getattr(self.split, name)
@@ -149,8 +153,42 @@ class GraphedSplit:
         return self.full(sample, timestep, encoder_hidden_states)[0]
 
     def stats(self) -> dict:
-        return {"graphs": self.captures, "replays": self.replays,
-                "capture_seconds": round(self.capture_seconds, 3), "captured": self.capture}
+        out = {"graphs": self.captures, "replays": self.replays,
+               "capture_seconds": round(self.capture_seconds, 3), "captured": self.capture}
+        if self.calls is not None:  # the autoencoder's graphs of the same guidance
+            extra = self.calls.stats()
+            out.update(graphs=out["graphs"] + extra["graphs"],
+                       capture_seconds=round(out["capture_seconds"] + extra["capture_seconds"], 3),
+                       autoencoder_replays=extra["replays"])
+        return out
+
+
+class GraphedCalls:
+    """No-grad calls of fixed functions (stage 2's autoencoder encode and decode) replayed from
+    CUDA graphs: ``calls(name, fn, *inputs)`` captures ``fn`` once per name and input shapes and
+    replays it (``capture=False``: the same buffers and ops, eagerly). ``fn`` must return a
+    tensor or a tuple of tensors and be the same computation for a name at every call."""
+
+    def __init__(self, capture: bool) -> None:
+        self.capture = bool(capture)
+        self._paths: dict[tuple, _Captured] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.capture_seconds = 0.0
+        self.replays = 0
+
+    def __call__(self, name: str, fn, *inputs: Tensor):
+        key = (name,) + tuple((tuple(t.shape), t.dtype, t.stride()) for t in inputs)
+        path = self._paths.get(key)
+        if path is None:
+            path = _Captured(fn, list(inputs), self.capture, self._pool)
+            self._paths[key] = path
+            self.capture_seconds += path.capture_seconds
+        self.replays += 1
+        return path(list(inputs))
+
+    def stats(self) -> dict:
+        return {"graphs": len(self._paths), "replays": self.replays,
+                "capture_seconds": round(self.capture_seconds, 3)}
 
 
 def use_cuda_graphs(setting: str, device: torch.device | str) -> bool:

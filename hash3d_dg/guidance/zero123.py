@@ -106,6 +106,9 @@ class Zero123Guidance(ScoreDistillation):
         self.input_elevation = 0.0
         self.ref_embeddings: torch.Tensor | None = None  # [1, 1, D] CLIP image_embeds
         self.ref_latents: torch.Tensor | None = None  # [1, 4, h, w] unscaled VAE latent
+        #: no-grad autoencoder calls (stage 2's encode and decode) replayed from CUDA graphs
+        #: (``graphed.GraphedCalls``, set with ``guidance.cuda_graphs``); None: eager
+        self.graph_calls = None
 
     @property
     def family(self) -> str:
@@ -136,20 +139,42 @@ class Zero123Guidance(ScoreDistillation):
             latents, already in that scaled space); gradients flow back to ``images``.
         """
         x = self._resize(images) * 2.0 - 1.0
+        graphs = self.graph_calls if not torch.is_grad_enabled() else None
         if self.latent_vae is not None:
             vae = self.latent_vae
+            if graphs is not None:  # stage 2's encode: replayed from a CUDA graph
+                latents = graphs("encode_tiny", lambda v: vae.encode(v).latents, x.to(vae.dtype))
+                return latents.to(self.dtype) * float(vae.config.scaling_factor)
             return vae.encode(x.to(vae.dtype)).latents.to(self.dtype) * float(vae.config.scaling_factor)
+        if graphs is not None:
+            # the posterior's mean and std from the graph, its sample drawn outside it from the
+            # guidance's generator, as DiagonalGaussianDistribution.sample draws it
+            from diffusers.utils.torch_utils import randn_tensor
+
+            def moments(v):
+                dist = self.components.vae.encode(v).latent_dist
+                return dist.mean, dist.std
+            mean, std = graphs("encode_sd", moments, x.to(self.dtype))
+            eps = randn_tensor(mean.shape, generator=self.generator, device=mean.device,
+                               dtype=mean.dtype)
+            return (mean + std * eps) * self.scaling_factor
         posterior = self.components.vae.encode(x.to(self.dtype)).latent_dist
         return posterior.sample(generator=self.generator) * self.scaling_factor
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents [B, 4, h, w] -> images [B, 3, 8h, 8w] float32 in [0, 1]."""
+        graphs = self.graph_calls
         if self.latent_vae is not None:
             vae = self.latent_vae
-            x = vae.decode((latents / float(vae.config.scaling_factor)).to(vae.dtype)).sample
+            z = (latents / float(vae.config.scaling_factor)).to(vae.dtype)
+            x = graphs("decode_tiny", lambda v: vae.decode(v).sample, z) if graphs is not None \
+                else vae.decode(z).sample
             return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
-        x = self.components.vae.decode((latents / self.scaling_factor).to(self.dtype)).sample
+        z = (latents / self.scaling_factor).to(self.dtype)
+        vae = self.components.vae
+        x = graphs("decode_sd", lambda v: vae.decode(v).sample, z) if graphs is not None \
+            else vae.decode(z).sample
         return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
     # ------------------------------------------------------------------ conditioning
