@@ -82,9 +82,9 @@ def test_refine_is_diffusers_ddim_img2img(components, reference_image, strength,
     images = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(5))
     d_el, d_az = [10.0, -20.0], [45.0, 200.0]
     want, n = diffusers_img2img(components, guidance, images, d_el, d_az, strength, steps, SEED)
-    before = guidance.stats["unet_full_calls"]
+    before = guidance.stats()["unet"]["full_calls"]
     got = guidance.refine(images, d_el, d_az, [0.0, 0.0], strength=strength, steps=steps)
-    assert guidance.stats["unet_full_calls"] - before == n * 2  # one CFG call per step and view
+    assert guidance.stats()["unet"]["full_calls"] - before == n * 2  # one CFG call per step and view
     assert n == steps - int(steps * strength)
     torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
 

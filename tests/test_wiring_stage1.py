@@ -27,7 +27,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from hash3d_dg.camera import Camera
 from hash3d_dg.config import build_config
 from hash3d_dg.gaussians import Densifier, GaussianModel
-from hash3d_dg.samples import render_sample
+from hash3d_dg.eval.samples import render_sample
 from hash3d_dg.stages import ReferenceView, run_stage1
 
 SEED = 3
@@ -121,26 +121,18 @@ def test_gaussian_count_changes_only_after_densification_steps():
 
 class FakeGuidance:
     """A differentiable stand-in for Zero-1-to-3: ``sds`` pulls renders toward a fixed colour
-    and records what it was given. Enough of the interface for the stage's meters."""
+    and records what it was given. Enough of the guidance interface for the stage's meters."""
 
-    class _Stats:
-        full_calls = 0
-        shallow_calls = 0
-
-    class _Denoiser:
-        cache = None
-
-        def __init__(self):
-            self.stats = FakeGuidance._Stats()
+    cached = False
 
     def __init__(self, colour=(0.2, 0.5, 0.8)):
         self.colour = torch.tensor(colour)[None, :, None, None]
-        self.denoiser = self._Denoiser()
         self.calls = []
 
-    @property
     def stats(self):
-        return {"unet_full_calls": 0, "unet_shallow_calls": 0}
+        return {"unet": {"full_calls": 0, "shallow_calls": 0},
+                "cache": {"attempts": 0, "hits": 0, "misses": 0, "inserts": 0, "evictions": 0,
+                          "entries": 0, "bytes": 0, "hits_by_grid": []}}
 
     def sds(self, images, d_elevation, d_azimuth, d_radius, step_ratio=None):
         self.calls.append({"shape": tuple(images.shape), "d_el": list(d_elevation),

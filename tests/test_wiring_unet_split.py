@@ -17,7 +17,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from hash3d_dg.cache import UNetSplit
+from hash3d_dg.guidance.unet_split import UNetSplit
 
 THREE = dict(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
              up_block_types=("UpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"),

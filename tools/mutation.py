@@ -46,7 +46,7 @@ MODULES: dict[str, dict] = {
         "after": ["tests/test_cache_table.py", "tests/test_wiring_cache.py"],
     },
     "unet_split": {
-        "mutate": ["hash3d_dg/cache/unet_split.py"],
+        "mutate": ["hash3d_dg/guidance/unet_split.py"],
         "before": ["tests/test_unet_split.py"],
         "after": ["tests/test_unet_split.py", "tests/test_wiring_unet_split.py"],
     },
