@@ -100,7 +100,7 @@ def build_guidance(cfg: RunConfig, device: torch.device, dtype: torch.dtype, com
             model = str(tiny_model_dir(family))
         components = load_zero123(model, device=device, dtype=dtype, family=family)
     from hash3d_dg.accel import resolve_switch
-    from hash3d_dg.guidance.graphed import GraphedCalls, GraphedSplit, use_cuda_graphs
+    from hash3d_dg.guidance.graphed import GraphedAutograd, GraphedCalls, GraphedSplit, use_cuda_graphs
 
     latent_vae = load_latent_vae(cfg.guidance, cfg.hash3d.mode, device, dtype)
     if resolve_switch(cfg.guidance.channels_last, device, "guidance.channels_last"):
@@ -116,8 +116,9 @@ def build_guidance(cfg: RunConfig, device: torch.device, dtype: torch.dtype, com
     guidance = Zero123Guidance(components, denoiser=denoiser, guidance_scale=cfg.guidance.guidance_scale,
                                image_size=cfg.guidance.image_size, seed=cfg.seed, latent_vae=latent_vae,
                                hash3d=cfg.hash3d)
-    if graphs:  # stage 2's autoencoder calls too
+    if graphs:  # the autoencoder calls too: stage 2's encode and decode, stage 1's encode
         guidance.graph_calls = split.calls = GraphedCalls(capture=True)
+        guidance.grad_graph_calls = split.grad_calls = GraphedAutograd(capture=True)
     return guidance
 
 

@@ -8,7 +8,7 @@ import torch
 
 from hash3d_dg.guidance.unet_split import UNetSplit
 from hash3d_dg.config import TINY_MODEL, ConfigError, build_config
-from hash3d_dg.guidance.graphed import GraphedCalls, GraphedSplit, use_cuda_graphs
+from hash3d_dg.guidance.graphed import GraphedAutograd, GraphedCalls, GraphedSplit, use_cuda_graphs
 from hash3d_dg.pipeline import build_guidance
 from hash3d_dg.eval.samples import render_sample
 from hash3d_dg.stages import ReferenceView
@@ -25,6 +25,7 @@ def _guidance(cfg, graphed: bool):
     if graphed:
         g.denoiser.model = GraphedSplit(g.denoiser.model, capture=False)
         g.graph_calls = g.denoiser.model.calls = GraphedCalls(capture=False)
+        g.grad_graph_calls = g.denoiser.model.grad_calls = GraphedAutograd(capture=False)
     ref = ReferenceView.from_rgba(render_sample("ball", 32), 0.0, 2.0, 49.1, 32)
     g.set_reference(ref.image_nchw(), 0.0)
     return g
@@ -53,9 +54,8 @@ def test_static_buffer_path_is_bitwise_the_eager_path_on_cpu(mode):
     if mode == "paper":
         assert graphed.stats()["unet"]["shallow_calls"] > 0  # both paths replayed
     stats = graphed.denoiser.model.stats()
-    # one per path and batch shape (SDS's encode needs its gradient: eager)
-    assert stats["graphs"] == (1 if mode == "off" else 2), stats
-    assert stats["replays"] == 6
+    assert stats["graphs"] == (1 if mode == "off" else 2), stats  # one per path and batch shape
+    assert stats["replays"] == 6 and stats["encoder_autograd_replays"] == 6
     # stage 2's refine through the same buffers
     img = torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(5))
     ra = eager.refine(img, [10.0], [40.0], [0.0], strength=0.8, steps=10)

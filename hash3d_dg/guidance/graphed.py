@@ -16,6 +16,10 @@ replayed:
   graph, whose feature output is copied into the table.
 * Nothing inside a graph reads a device value on the host: the timestep reaches the UNet as a
   device tensor (the time embedding is computed from it on the device), shapes are host facts.
+* ``GraphedAutograd`` replays stage 1's differentiable encode of the render (forward and
+  backward, ``torch.cuda.make_graphed_callables``); the SD VAE's posterior sample is taken
+  outside the graph (``mean + std * eps``), so the gradient flows through the graph's mean and
+  std exactly as through the eager sample.
 * ``GraphedCalls`` does the same for stage 2's no-grad autoencoder calls (the refine's encode
   and its decode); the SD VAE's posterior sample is drawn outside the graph from the guidance's
   generator, on the graph's mean and std.
@@ -114,6 +118,7 @@ class GraphedSplit:
         self.replays = 0
         self.capture_seconds = 0.0
         self.calls: GraphedCalls | None = None  # the guidance's autoencoder graphs (for stats)
+        self.grad_calls: GraphedAutograd | None = None  # its differentiable encode (for stats)
 
     def __getattr__(self, name):  # unet, cache_point, n_skips, ...
         return getattr(self.split, name)
@@ -155,11 +160,12 @@ class GraphedSplit:
     def stats(self) -> dict:
         out = {"graphs": self.captures, "replays": self.replays,
                "capture_seconds": round(self.capture_seconds, 3), "captured": self.capture}
-        if self.calls is not None:  # the autoencoder's graphs of the same guidance
-            extra = self.calls.stats()
-            out.update(graphs=out["graphs"] + extra["graphs"],
-                       capture_seconds=round(out["capture_seconds"] + extra["capture_seconds"], 3),
-                       autoencoder_replays=extra["replays"])
+        for name, calls in (("autoencoder", self.calls), ("encoder_autograd", self.grad_calls)):
+            if calls is not None:  # the autoencoder's graphs of the same guidance
+                extra = calls.stats()
+                out.update(graphs=out["graphs"] + extra["graphs"],
+                           capture_seconds=round(out["capture_seconds"] + extra["capture_seconds"], 3))
+                out[f"{name}_replays"] = extra["replays"]
         return out
 
 
@@ -188,6 +194,42 @@ class GraphedCalls:
 
     def stats(self) -> dict:
         return {"graphs": len(self._paths), "replays": self.replays,
+                "capture_seconds": round(self.capture_seconds, 3)}
+
+
+class GraphedAutograd:
+    """Differentiable calls (stage 1's encode of the render, forward and backward) replayed from
+    CUDA graphs with ``torch.cuda.make_graphed_callables``, one per name and input shape; the
+    input's gradient flows back as from the eager call. ``capture=False`` (the CPU) calls ``fn``
+    itself. A capture that fails falls back to the eager call for that shape, with one line."""
+
+    def __init__(self, capture: bool) -> None:
+        self.capture = bool(capture)
+        self._fns: dict[tuple, Any] = {}
+        self.capture_seconds = 0.0
+        self.replays = 0
+
+    def __call__(self, name: str, fn, x: Tensor):
+        key = (name, tuple(x.shape), x.dtype, x.stride())
+        graphed = self._fns.get(key)
+        if graphed is None:
+            graphed = fn
+            if self.capture:
+                start = time.perf_counter()
+                try:
+                    sample = x.detach().clone().requires_grad_(x.requires_grad)
+                    graphed = torch.cuda.make_graphed_callables(fn, (sample,))
+                except Exception as exc:  # noqa: BLE001 - the eager call still works
+                    log.warning("CUDA graph capture of %s failed (%s: %s); running it eagerly",
+                                name, type(exc).__name__, str(exc).splitlines()[0][:200])
+                    graphed = fn
+                self.capture_seconds += time.perf_counter() - start
+            self._fns[key] = graphed
+        self.replays += 1
+        return graphed(x)
+
+    def stats(self) -> dict:
+        return {"graphs": sum(1 for f in self._fns.values() if self.capture), "replays": self.replays,
                 "capture_seconds": round(self.capture_seconds, 3)}
 
 

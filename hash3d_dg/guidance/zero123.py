@@ -109,6 +109,9 @@ class Zero123Guidance(ScoreDistillation):
         #: no-grad autoencoder calls (stage 2's encode and decode) replayed from CUDA graphs
         #: (``graphed.GraphedCalls``, set with ``guidance.cuda_graphs``); None: eager
         self.graph_calls = None
+        #: the differentiable encode of stage 1's renders replayed from CUDA graphs
+        #: (``graphed.GraphedAutograd``); None: eager
+        self.grad_graph_calls = None
 
     @property
     def family(self) -> str:
@@ -140,9 +143,11 @@ class Zero123Guidance(ScoreDistillation):
         """
         x = self._resize(images) * 2.0 - 1.0
         graphs = self.graph_calls if not torch.is_grad_enabled() else None
+        if torch.is_grad_enabled() and x.requires_grad and self.grad_graph_calls is not None:
+            graphs = self.grad_graph_calls  # stage 1's encode, forward and backward
         if self.latent_vae is not None:
             vae = self.latent_vae
-            if graphs is not None:  # stage 2's encode: replayed from a CUDA graph
+            if graphs is not None:  # replayed from a CUDA graph
                 latents = graphs("encode_tiny", lambda v: vae.encode(v).latents, x.to(vae.dtype))
                 return latents.to(self.dtype) * float(vae.config.scaling_factor)
             return vae.encode(x.to(vae.dtype)).latents.to(self.dtype) * float(vae.config.scaling_factor)
