@@ -42,7 +42,8 @@ Then (a ``TorchFunctionMode`` sees the Python-level calls, a ``TorchDispatchMode
 CUDA graphs: by default the UNet calls go through ``GraphedSplit`` as a CUDA run with
 ``guidance.cuda_graphs=auto`` does; on the CPU it runs what the graph would replay eagerly on its
 static buffers, and the counter counts that as **one** launch (``graph_launches``; the ops inside
-are ``graphed_kernels``). ``--no-graphs`` counts the eager calls.
+are ``graphed_kernels``); stage 1's differentiable encode (``make_graphed_callables``) counts one
+launch forward and one backward. ``--no-graphs`` counts the eager calls.
 
 Iterations are the windows between successive optimiser steps (a global step pre-hook); a
 *steady-state* iteration is one with no check (the loss and divergence flags are read every 10
@@ -407,6 +408,36 @@ def _gate(obj, counter, on, skip=(), deep=True):
     return obj
 
 
+class _GraphGate(torch.autograd.Function):
+    """Identity whose backward opens (``on``: one graph launch) or closes the counting of a
+    graphed backward (``make_graphed_callables`` replays the whole backward as one graph)."""
+
+    @staticmethod
+    def forward(ctx, x, counter, on):
+        ctx.counter, ctx.on = counter, on
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        c = ctx.counter
+        if ctx.on:
+            if c._graphed == 0 and not c._excluded:
+                c.counts.graph_launches += 1
+                c.counts.kernels += 1
+            c._graphed += 1
+        else:
+            c._graphed = 0
+        return grad, None, None
+
+
+def _graph_gate(obj, counter, on):
+    if isinstance(obj, torch.Tensor) and obj.requires_grad and obj.is_floating_point():
+        return _GraphGate.apply(obj, counter, on)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_graph_gate(o, counter, on) for o in obj)
+    return obj
+
+
 def _excluding(fn, counter: LaunchCounter, skip=("means2d",)):
     def wrapper(*args, **kwargs):
         args = _gate(args, counter, False, deep=False)
@@ -440,6 +471,18 @@ def _patched(counter: LaunchCounter):
             return original_run(self)
 
     patch(graphed._Captured, "run_eager", run_eager)
+    original_autograd = graphed.GraphedAutograd.__call__
+
+    def autograd_call(self, name, fn, x):
+        # what make_graphed_callables replays: the forward as one launch, the backward as one
+        def replayed(v):
+            v = _graph_gate(v, counter, False)
+            with counter.graph_replay():
+                out = fn(v)
+            return _graph_gate(out, counter, True)
+        return original_autograd(self, name, replayed, x)
+
+    patch(graphed.GraphedAutograd, "__call__", autograd_call)
     original_mesh = mb.rasterize_mesh
     patch(gb, "rasterize_torch", _excluding(gb.rasterize_torch, counter))
     wrapped_mesh = _excluding(original_mesh, counter)
@@ -561,7 +604,7 @@ def count_stage(stage: str, mode: str, guidance=None, cfg=None, graphs: bool = T
     docstring); ``guidance`` and ``cfg`` default to the tiny model and ``launch_config(mode)``.
     ``graphs``: the UNet calls go through ``GraphedSplit`` as with ``guidance.cuda_graphs=auto``
     on CUDA (each replay one launch), else eager."""
-    from hash3d_dg.guidance.graphed import GraphedCalls, GraphedSplit
+    from hash3d_dg.guidance.graphed import GraphedAutograd, GraphedCalls, GraphedSplit
 
     from hash3d_dg import accel
     from hash3d_dg.bench.harness import standin_mesh
@@ -581,8 +624,9 @@ def count_stage(stage: str, mode: str, guidance=None, cfg=None, graphs: bool = T
         guidance.denoiser.model = GraphedSplit(model, capture=False)
     elif not graphs and isinstance(model, GraphedSplit):
         guidance.denoiser.model = model.split
-    if hasattr(guidance, "graph_calls"):  # stage 2's autoencoder calls
+    if hasattr(guidance, "graph_calls"):  # stage 2's autoencoder calls, stage 1's encode
         guidance.graph_calls = GraphedCalls(capture=False) if graphs else None
+        guidance.grad_graph_calls = GraphedAutograd(capture=False) if graphs else None
     mesh = standin_mesh(texture_size=32, subdivisions=2) if stage == "stage2" else None
     counter = LaunchCounter()
     start = time.perf_counter()
