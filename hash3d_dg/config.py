@@ -39,16 +39,21 @@ MESH_BAKE_MODES = ("front", "first", "average")
 MESH_BAKE_VIEWS = ("default18", "upper14")
 
 
+GUIDANCE_TYPES = ("zero123", "sd")
+
+
 @dataclass
 class GuidanceConfig:
+    type: str = "zero123"  # zero123 (image to 3D, --image) | sd (Stable Diffusion, text to 3D, --prompt)
     model: str = "ashawkey/stable-zero123-diffusers"  # hub id, local directory or builtin:tiny
     family: str = "auto"  # auto | stable | xl
     guidance_scale: float = 5.0
     image_size: int = 256  # guidance works on renders resized to this size
-    lambda_zero123: float = 1.0  # weight of the SDS loss in stage 1 and the refine loss in stage 2
+    lambda_zero123: float = 1.0  # weight of the guidance: SDS loss in stage 1, refine loss in stage 2 (DreamGaussian: lambda_zero123, or lambda_sd for text)
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float16 | bfloat16 | float32 (bf16: no fp16 overflow, on GPUs that have it)
     vae: str = "auto"  # renders' latents: auto (tiny for hash3d.mode=fast, else full) | full | tiny
     tiny_vae: str = "madebyollin/taesd"  # AutoencoderTiny hub id or local directory (guidance.vae=tiny)
+    negative_prompt: str = ""  # guidance.type=sd: the negative prompt (CFG's unconditional text)
 
 
 @dataclass
@@ -445,6 +450,7 @@ def validate(cfg: RunConfig) -> None:
 
     choices = [
         ("matting", cfg.matting, ("auto", "alpha", "rembg", "border")),
+        ("guidance.type", g.type, GUIDANCE_TYPES),
         ("guidance.family", g.family, ("auto", "stable", "xl")),
         ("guidance.dtype", g.dtype, ("auto", "float16", "bfloat16", "float32")),
         ("guidance.vae", g.vae, ("auto", "full", "tiny")),

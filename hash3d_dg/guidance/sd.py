@@ -176,3 +176,25 @@ class StableDiffusionGuidance(LatentGuidance):
                     noise: torch.Tensor | None = None) -> torch.Tensor:
         """SDS loss on scaled latents [B, 4, h, w] (``sds`` after the encoding)."""
         return self.sds_x(latents, d_elevation, d_azimuth, d_radius, step_ratio=step_ratio, noise=noise)
+
+
+def build_sd_guidance(cfg, device: torch.device, dtype: torch.dtype, components: SDComponents | None = None
+                      ) -> StableDiffusionGuidance:
+    """The Stable Diffusion guidance of a run config (``guidance.type=sd``), its UNet wrapped by
+    the Hash3D cache of ``cfg.hash3d`` (none for mode off). ``components``: an already loaded
+    checkpoint to wrap instead of loading ``cfg.guidance.model`` (``builtin:tiny``: the built-in
+    tiny random checkpoint)."""
+    from hash3d_dg.cache import make_cache
+    from hash3d_dg.guidance.loading import load_latent_vae
+    from hash3d_dg.guidance.sd_loading import load_stable_diffusion, tiny_sd_model_dir
+
+    if components is None:
+        model = cfg.guidance.model
+        if model == "builtin:tiny":
+            model = str(tiny_sd_model_dir())
+        components = load_stable_diffusion(model, device=device, dtype=dtype)
+    denoiser = CachedDenoiser(UNetSplit(components.unet, cfg.hash3d.cache_point), make_cache(cfg.hash3d, seed=cfg.seed))
+    latent_vae = load_latent_vae(cfg.guidance, cfg.hash3d.mode, device, dtype)
+    return StableDiffusionGuidance(components, denoiser=denoiser, guidance_scale=cfg.guidance.guidance_scale,
+                                   image_size=cfg.guidance.image_size, seed=cfg.seed, latent_vae=latent_vae,
+                                   hash3d=cfg.hash3d, radius=cfg.radius)
