@@ -118,6 +118,15 @@ class Densifier:
     denom: Tensor | None = field(default=None, init=False, repr=False)
     max_radii: Tensor | None = field(default=None, init=False, repr=False)
 
+    @classmethod
+    def from_config(cls, s1, generator: torch.Generator | None = None) -> "Densifier":
+        """The strategy of a run's ``stage1`` config section (its documented ``densify_*``,
+        ``density_*``, ``percent_dense`` and ``opacity_reset_interval`` settings)."""
+        return cls(grad_threshold=s1.densify_grad_threshold, percent_dense=s1.percent_dense,
+                   start_iter=s1.density_start_iter, end_iter=s1.density_end_iter,
+                   interval=s1.densification_interval,
+                   opacity_reset_interval=s1.opacity_reset_interval, generator=generator)
+
     # ------------------------------------------------------------------ statistics
     def reset_stats(self, model: GaussianModel) -> None:
         """Zero the accumulated statistics (sized to the model)."""
