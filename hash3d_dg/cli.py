@@ -1,4 +1,9 @@
-"""Command line: ``python main.py --image cat.png --hash3d``.
+"""Command line: ``python main.py --image cat.png --hash3d`` or ``python main.py --prompt "a mug" --hash3d``.
+
+An image runs the image-to-3D path (``configs/image.yaml`` by default, Zero-1-to-3 guidance); a
+prompt (``--prompt TEXT``, or ``--prompts FILE`` with one prompt per line) runs text to 3D
+(``configs/text.yaml`` by default, Stable Diffusion guidance), with the same stages, cache,
+exports, reports, folders of work and Ray runs; a prompt's output name is a slug of it.
 
 Flags are turned into config overrides on top of the YAML config; trailing ``key=value`` words
 override any config key (``stage1.iters=300``, ``hash3d.eta=0.2``). A problem the user can fix
@@ -13,6 +18,7 @@ of the same name is untouched, and images already finished stay.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -25,6 +31,7 @@ from pathlib import Path
 from hash3d_dg.errors import ConfigError, RunInterrupted, UserError
 
 DEFAULT_CONFIG = "image.yaml"
+DEFAULT_TEXT_CONFIG = "text.yaml"
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, as a shell reports Ctrl-C
 
@@ -40,17 +47,25 @@ def build_parser() -> argparse.ArgumentParser:
     epilog = "config keys (override with key=value):\n  " + "\n  ".join(config_keys())
     p = _Parser(prog="main.py", description="One photo in, a textured 3D mesh (GLB) out.",
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
-    p.add_argument("--image", nargs="+", required=True, metavar="PATH",
+    p.add_argument("--image", nargs="+", metavar="PATH",
                    help="input image(s) or a folder of images (PNG/JPEG/WebP; RGBA keeps its alpha)")
-    p.add_argument("--config", default=DEFAULT_CONFIG,
-                   help="YAML config, a path or a name in configs/ (default: %(default)s)")
+    p.add_argument("--prompt", metavar="TEXT",
+                   help="text to 3D: what to make, e.g. \"a ceramic mug with a blue glaze\" (instead of --image)")
+    p.add_argument("--prompts", metavar="FILE",
+                   help="text to 3D for several prompts: a UTF-8 text file, one prompt per line")
+    p.add_argument("--negative-prompt", metavar="TEXT",
+                   help="with --prompt / --prompts: what to steer away from (default: config, empty)")
+    p.add_argument("--config", default=None,
+                   help=f"YAML config, a path or a name in configs/ (default: {DEFAULT_CONFIG} for an image, "
+                        f"{DEFAULT_TEXT_CONFIG} for a prompt)")
     p.add_argument("--output", default="logs", help="output root; results go to OUTPUT/NAME/ (default: %(default)s)")
-    p.add_argument("--name", help="output name (default: the image's file stem; single image only)")
+    p.add_argument("--name", help="output name (default: the image's file stem, or a slug of the prompt; single input only)")
     p.add_argument("--elevation", type=float, help="elevation of the input view in degrees, negative = from above (default: config, 0)")
     p.add_argument("--seed", type=int, help="random seed (default: config, 0)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: config, auto)")
-    p.add_argument("--model", help="Zero-1-to-3 model: hub id, local diffusers directory or builtin:tiny "
-                                   "(default: config, ashawkey/stable-zero123-diffusers)")
+    p.add_argument("--model", help="guidance model: hub id, local diffusers directory or builtin:tiny "
+                                   "(default: config; ashawkey/stable-zero123-diffusers for an image, "
+                                   "stabilityai/stable-diffusion-2-1-base for a prompt)")
     p.add_argument("--iters", type=int, help="stage-1 iterations (default: config, 500)")
     p.add_argument("--iters-refine", type=int, help="stage-2 iterations (default: config, 50)")
     group = p.add_mutually_exclusive_group()
@@ -98,7 +113,45 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
         pairs.append("hash3d.mode=off")
     elif args.hash3d or args.hash3d_mode:
         pairs.append(f"hash3d.mode={args.hash3d_mode or 'paper'}")
+    if getattr(args, "negative_prompt", None) is not None:
+        pairs.append(f"guidance.negative_prompt={json.dumps(' '.join(args.negative_prompt.split()))}")
     return pairs + list(args.overrides)
+
+
+def text_mode(args: argparse.Namespace) -> bool:
+    """Whether the command runs prompts (``--prompt`` / ``--prompts``); one line when the
+    inputs are missing or mixed. Sets ``args.config`` to the mode's default config when unset."""
+    prompts = [flag for flag, value in (("--prompt", args.prompt), ("--prompts", args.prompts)) if value is not None]
+    if args.image is not None and prompts:
+        raise ConfigError(f"pass either --image (a photo to 3D) or {prompts[0]} (text to 3D), not both")
+    if len(prompts) == 2:
+        raise ConfigError("pass either --prompt TEXT or --prompts FILE, not both")
+    if args.image is not None and not args.image:
+        raise ConfigError("--image needs at least one image or folder")
+    if args.image is None and not prompts:
+        raise ConfigError("pass --image PATH (a photo to 3D) or --prompt TEXT (text to 3D)")
+    if args.negative_prompt is not None and not prompts:
+        raise ConfigError("--negative-prompt goes with --prompt or --prompts, not with --image")
+    if args.config is None:
+        args.config = DEFAULT_TEXT_CONFIG if prompts else DEFAULT_CONFIG
+    return bool(prompts)
+
+
+def collect_inputs(args: argparse.Namespace, resolve: bool = False) -> list:
+    """The inputs of the command: image paths (files of ``--image`` and its folders; absolute
+    when ``resolve``) or ``TextPrompt`` s; one line for a bad prompt, prompts file or image."""
+    from hash3d_dg.prompts import TextPrompt, read_prompts
+
+    if args.prompt is not None:
+        return [TextPrompt(args.prompt)]
+    if args.prompts is not None:
+        return read_prompts(args.prompts)
+    from hash3d_dg.preprocess import find_images
+
+    images: list[Path] = []
+    for item in args.image:
+        images += [p.resolve() if resolve else p for p in find_images(item)]
+    return images
 
 
 def configure_logging(debug: bool, stream=None) -> None:
@@ -223,6 +276,8 @@ def format_table(results) -> str:
 
 def _summary_line(name: str, report: dict) -> str:
     parts = [f"{name}: {report['total_seconds']:.1f}s"]
+    if "prompt" in report:
+        parts.append(f"prompt '{report['prompt']}'")
     for key in ("stage1", "mesh", "stage2"):
         if key in report:
             parts.append(f"{key} {report[key]['seconds']:.1f}s")
@@ -230,7 +285,7 @@ def _summary_line(name: str, report: dict) -> str:
     if unet.get("full_calls", 0) + unet.get("shallow_calls", 0):
         parts.append(f"UNet full {unet['full_calls']} / shallow {unet['shallow_calls']} "
                      f"(cache hit rate {unet['hit_rate']:.1%})")
-    if "stage1" in report:
+    if "ref_psnr" in report.get("stage1", {}):
         parts.append(f"ref PSNR {report['stage1']['ref_psnr']:.2f} dB")
     return " | ".join(parts)
 
@@ -244,6 +299,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.debug)
+    try:
+        if args.image is not None:
+            image_words, extra = split_image_words(args.image)
+            args.image, args.overrides = image_words, extra + list(args.overrides)
+        text_mode(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
     if args.ray is not None:
         from hash3d_dg import batch_ray
 
@@ -256,18 +319,11 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 from hash3d_dg.config import load_config
                 from hash3d_dg.names import check_name, output_names
-                from hash3d_dg.preprocess import find_images
 
-                image_words, extra = split_image_words(args.image)
-                if not image_words:
-                    raise ConfigError("--image needs at least one image or folder")
-                args.overrides = extra + list(args.overrides)
                 cfg = load_config(args.config, overrides_from_args(args))
-                images: list[Path] = []
-                for item in image_words:
-                    images += find_images(item)
+                images = collect_inputs(args)
                 if args.name is not None and len(images) > 1:
-                    raise ConfigError("--name needs a single input image")
+                    raise ConfigError("--name needs a single input")
                 if args.name is not None:  # checked before the output root is made
                     names = [check_name(args.name, args.output, what="--name", fix="pass another --name")]
                 else:

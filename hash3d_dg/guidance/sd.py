@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from hash3d_dg.cache import CachedDenoiser, CacheKey, UNetSplit
-from hash3d_dg.errors import InputError
 from hash3d_dg.guidance.base import FloatSeq
 from hash3d_dg.guidance.latent import LatentGuidance
 from hash3d_dg.guidance.sd_loading import SDComponents
+from hash3d_dg.prompts import clean_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +44,6 @@ def _floats(values: FloatSeq, name: str, batch: int) -> list[float]:
     if len(out) != batch:
         raise ValueError(f"{name} has {len(out)} values for a batch of {batch} views")
     return out
-
-
-def check_prompt(prompt: str | None, what: str = "prompt") -> str:
-    """The prompt stripped; an empty or whitespace-only prompt is an ``InputError`` (one line)."""
-    if prompt is None or not str(prompt).strip():
-        raise InputError(f"the {what} is empty: pass some words, e.g. --prompt \"a ceramic mug with a blue glaze\"")
-    text = " ".join(str(prompt).split())
-    if any(ord(c) < 32 for c in text):
-        raise InputError(f"the {what} holds control characters: pass plain text")
-    return text
 
 
 class StableDiffusionGuidance(LatentGuidance):
@@ -128,7 +118,7 @@ class StableDiffusionGuidance(LatentGuidance):
         Raises:
             InputError: an empty or whitespace-only prompt.
         """
-        prompt = check_prompt(prompt)
+        prompt = clean_prompt(prompt)
         negative_prompt = " ".join(str(negative_prompt or "").split())
         limit = int(self.components.tokenizer.model_max_length)
         self.truncated = False
