@@ -24,13 +24,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hash3d_dg.bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("flops", help="GMACs of the real stable-zero123 UNet / VAE (meta device)")
-    p.add_argument("--image-size", type=int, default=256)
+    p = sub.add_parser("flops", help="GMACs of the real stable-zero123 (or, --task text, SD 2.1) UNet / VAE (meta device)")
+    p.add_argument("--task", default="image", choices=["image", "text"],
+                   help="image: stable-zero123 at 256 px; text: Stable Diffusion 2.1-base at 512 px")
+    p.add_argument("--image-size", type=int, default=None, help="default: 256 (image), 512 (text)")
     p.add_argument("--cache-point", default="paper", choices=["paper", "last_subblock", "last_block"])
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("cache-exactness", help="shallow cached path vs full forward on tiny UNets")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", default="image", choices=["image", "text"],
+                   help="text: the SD 2.x UNets (tiny; --sd21-full adds the full-size SD 2.1 one)")
+    p.add_argument("--sd21-full", action="store_true",
+                   help="with --task text: also the full-size SD 2.1 UNet, random weights (~4 GB, minutes on CPU)")
+    p.add_argument("--latent-size", type=int, default=8)
     p.add_argument("--json", action="store_true")
 
     from hash3d_dg.bench import macs, speed
@@ -87,13 +94,19 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging(debug=False, stream=sys.stderr)  # stdout carries the JSON
     if args.command == "flops":
-        from hash3d_dg.bench.flops import flops_report
+        if args.task == "text":
+            from hash3d_dg.bench.text_costs import text_flops_report
 
-        result = flops_report(args.image_size, args.cache_point)
+            result = text_flops_report(args.image_size or 512, args.cache_point)
+        else:
+            from hash3d_dg.bench.flops import flops_report
+
+            result = flops_report(args.image_size or 256, args.cache_point)
     elif args.command == "cache-exactness":
         from hash3d_dg.bench.exactness import exactness_report
 
-        result = exactness_report(args.seed)
+        result = exactness_report(args.seed, latent_size=args.latent_size, text=args.task == "text",
+                                  sd21_full=args.sd21_full)
     elif args.command == "macs":
         result = macs.run_from_args(args)
     elif args.command == "speed":
