@@ -35,16 +35,19 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 TINY_MODEL = "builtin:tiny"  # the built-in tiny random checkpoint (smoke runs, tests)
 
 
+#: Choices of the mesh bake (``mesh.bake_mode``, ``mesh.bake_views``); hash3d_dg.mesh.bake
+#: implements them under these names.
 MESH_BAKE_MODES = ("front", "first", "average")
 MESH_BAKE_VIEWS = ("default18", "upper14")
-
-
-GUIDANCE_TYPES = ("zero123", "sd")
+#: Guidance implementations (``guidance.type``): the Zero-1-to-3 image guidance, the Stable
+#: Diffusion text guidance (``--prompt``), or the oracle benchmark's analytic denoiser (it ignores
+#: the input and knows the oracle object).
+GUIDANCE_TYPES = ("zero123", "sd", "oracle")
 
 
 @dataclass
 class GuidanceConfig:
-    type: str = "zero123"  # zero123 (image to 3D, --image) | sd (Stable Diffusion, text to 3D, --prompt)
+    type: str = "zero123"  # zero123 (image to 3D, --image) | sd (Stable Diffusion, text to 3D, --prompt) | oracle
     model: str = "ashawkey/stable-zero123-diffusers"  # hub id, local directory or builtin:tiny
     family: str = "auto"  # auto | stable | xl
     guidance_scale: float = 5.0
@@ -455,7 +458,6 @@ def validate(cfg: RunConfig) -> None:
         ("guidance.dtype", g.dtype, ("auto", "float16", "bfloat16", "float32")),
         ("guidance.vae", g.vae, ("auto", "full", "tiny")),
         # The mesh choices are checked here, before stage 1, not only when meshing starts
-        # (hash3d_dg.mesh.bake.BAKE_MODES / BAKE_VIEW_SETS; tests keep the lists equal).
         ("mesh.bake_mode", m.bake_mode, MESH_BAKE_MODES),
         ("mesh.bake_views", m.bake_views, MESH_BAKE_VIEWS),
         ("mesh.clean", m.clean, ("pymeshlab", "basic")),

@@ -9,6 +9,7 @@ several input images (device, backends, the guidance model) lives in a ``RunCont
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 import os
 import platform
@@ -20,16 +21,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hash3d_dg.atomic import save_image_atomic, write_json_atomic
+from hash3d_dg.output.atomic import save_image_atomic, write_json_atomic
 from hash3d_dg.config import TINY_MODEL, RunConfig
 from hash3d_dg.errors import ConfigError, InputError, UserError
 from hash3d_dg.gaussians import load_ply, resolve_gaussian_backend, save_ply
 from hash3d_dg.mesh import export_glb, export_obj, resolve_mesh_backend
-from hash3d_dg.names import image_name
-from hash3d_dg.outputs import OutputFolder
+from hash3d_dg.output.names import image_name
+from hash3d_dg.output.folder import OutputFolder
 from hash3d_dg.preprocess import PreparedImage, load_image, prepare_image
+from hash3d_dg.output.previews import PREVIEW_ELEVATION, contact_sheet, render_views, write_turntable
 from hash3d_dg.prompts import TextPrompt
-from hash3d_dg.previews import PREVIEW_ELEVATION, contact_sheet, render_views, write_turntable
 from hash3d_dg.stages import ReferenceView, extract_textured_mesh, run_stage1, run_stage2
 
 log = logging.getLogger(__name__)
@@ -72,13 +73,30 @@ def tiny_model_dir(family: str = "stable", seed: int = 0) -> Path:
     return target
 
 
-def build_guidance(cfg: RunConfig, device: torch.device, dtype: torch.dtype, components=None):
-    """The guidance of ``cfg.guidance.type`` (Zero-1-to-3, or Stable Diffusion for text) whose
-    UNet runs through the Hash3D cache (or none when mode=off).
+#: ``guidance.type`` -> the builder of that guidance, ``builder(cfg, device, dtype)`` (imported
+#: on use: each brings its own model libraries); a builder that takes ``components`` wraps an
+#: already loaded checkpoint (``RunContext.with_config``).
+GUIDANCE_BUILDERS = {
+    "sd": "hash3d_dg.guidance.sd:build_sd_guidance",
+    "oracle": "hash3d_dg.eval.oracle:build_guidance",
+}
+#: Guidance types whose loaded checkpoint a web-app job may reuse (``RunContext.with_config``).
+REUSABLE_MODELS = ("zero123", "sd")
 
-    ``components``: an already loaded checkpoint to wrap instead of loading ``cfg.guidance.model``.
+
+def build_guidance(cfg: RunConfig, device: torch.device, dtype: torch.dtype, components=None):
+    """The run's guidance (``guidance.type``), its denoiser wrapped by the Hash3D cache (or none
+    when mode=off). Zero-1-to-3 by default.
+
+    ``components``: an already loaded checkpoint of the same type to wrap instead of loading
+    ``cfg.guidance.model``.
     """
-    from hash3d_dg.cache import CachedDenoiser, UNetSplit, make_cache
+    if cfg.guidance.type in GUIDANCE_BUILDERS:
+        module, name = GUIDANCE_BUILDERS[cfg.guidance.type].split(":")
+        extra = {"components": components} if components is not None else {}
+        return getattr(importlib.import_module(module), name)(cfg, device, dtype, **extra)
+    from hash3d_dg.cache import CachedDenoiser, make_cache
+    from hash3d_dg.guidance.unet_split import UNetSplit
     from hash3d_dg.guidance import Zero123Guidance, load_zero123
     from hash3d_dg.guidance.loading import load_latent_vae
 
@@ -131,8 +149,9 @@ class RunContext:
         model when model, family, device and dtype agree; the Hash3D table and the guidance
         wrapper are built anew from ``cfg``, so no state of an earlier job carries over."""
         other = RunContext.create(cfg, progress=self.progress)
-        same_model = (other.device, other.dtype, cfg.guidance.type, cfg.guidance.model, cfg.guidance.family) == (
-            self.device, self.dtype, self.cfg.guidance.type, self.cfg.guidance.model, self.cfg.guidance.family)
+        same_model = cfg.guidance.type == self.cfg.guidance.type and cfg.guidance.type in REUSABLE_MODELS and (
+            other.device, other.dtype, cfg.guidance.model, cfg.guidance.family) == (
+            self.device, self.dtype, self.cfg.guidance.model, self.cfg.guidance.family)
         if same_model and self._guidance is not None and other.needs_guidance:
             other._guidance = build_guidance(other.cfg, other.device, other.dtype,
                                              components=self._guidance.components)
@@ -163,7 +182,8 @@ class RunContext:
         hash3d = cfg.hash3d.mode if cfg.hash3d.mode == "off" else (
             f"{cfg.hash3d.mode} (eta {cfg.hash3d.eta}, {len(cfg.hash3d.grids)} grid(s), "
             f"cache point {cfg.hash3d.cache_point}, stage 2 {cfg.hash3d.stage2})")
-        model = cfg.guidance.model if self.needs_guidance else "none (lambda_zero123=0)"
+        model = (("the oracle object (guidance.type=oracle)" if cfg.guidance.type == "oracle" else cfg.guidance.model)
+                 if self.needs_guidance else "none (lambda_zero123=0)")
         return (f"device {self.device} | dtype {str(self.dtype).replace('torch.', '')} | "
                 f"gaussians: {self.gaussian_backend} | mesh: {self.mesh_backend} | "
                 f"model: {model} | hash3d: {hash3d}")
@@ -286,7 +306,7 @@ def run_image(image_path: str | Path | TextPrompt, ctx: RunContext, output_root:
                                           cfg.stage1.ref_size, ctx.device)
         guidance = ctx.guidance_for_image()
         if guidance is not None:
-            report["model_family"] = guidance.components.family
+            report["model_family"] = guidance.family
             if prompt is not None:
                 guidance.set_reference(None, cfg.elevation)
                 guidance.set_prompt(prompt.text, cfg.guidance.negative_prompt)
@@ -368,7 +388,7 @@ def iter_images(images: list[Path], ctx: RunContext, output_root: str | Path = "
     ``RunInterrupted``) propagates: the inputs yielded so far are complete on disk.
     """
     from hash3d_dg.errors import DivergenceError, OutputError, UserError
-    from hash3d_dg.names import check_name, output_names
+    from hash3d_dg.output.names import check_name, output_names
 
     # Every name checked before any work (a bad or shared name fails the call, not one input).
     names = [check_name(n, output_root) for n in names] if names else output_names(images, output_root)

@@ -40,7 +40,7 @@ class TextPrompt:
 
     @property
     def slug(self) -> str:
-        from hash3d_dg.names import slugify
+        from hash3d_dg.output.names import slugify
 
         return slugify(self.text)
 

@@ -1,6 +1,6 @@
 """The web app, driven as people and scripts drive it.
 
-One server (``python -m hash3d_dg.app --config configs/smoke.yaml`` on a free loopback port)
+One server (``python -m hash3d_dg.apps.web --config configs/smoke.yaml`` on a free loopback port)
 serves every test here. A real headless Chromium (Debian's ``chromium`` + ``chromium-driver``,
 through Selenium) uploads ``data/ball.png``, waits for the result, checks that the 3D viewer's
 canvas shows a model and that the GLB download button gives a valid GLB; a text file renamed
@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hash3d_dg import app
+from hash3d_dg.apps import web as app
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -59,7 +59,7 @@ def server(tmp_path_factory):
            "GRADIO_ANALYTICS_ENABLED": "False"}
     log_path = root / "server.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "hash3d_dg.app", "--config", "configs/smoke.yaml",
+        proc = subprocess.Popen([sys.executable, "-m", "hash3d_dg.apps.web", "--config", "configs/smoke.yaml",
                                  "--text-config", "configs/text_smoke.yaml",
                                  "--port", str(port), "--output", str(output)],
                                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -202,7 +202,7 @@ def test_browser_upload_ball_shows_model_and_downloads_glb(server, browser, tmp_
 
 
 def test_browser_text_file_named_png_shows_one_line_error(server, browser, tmp_path, capsys):
-    from hash3d_dg import cli
+    from hash3d_dg.apps import cli
 
     driver, _ = browser
     bad = tmp_path / "notes.png"

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from hash3d_dg import cli
-from hash3d_dg.batch_ray import REPORT_NAME, complete_report
+from hash3d_dg.apps import cli
+from hash3d_dg.apps.ray_batch import REPORT_NAME, complete_report
 
 REPO = Path(__file__).resolve().parent.parent
 STARTED = re.compile(r"^\[(?P<name>[^\]]+)\] started on (?P<worker>\S+) \(pid (?P<pid>\d+), attempt (?P<attempt>\d+)\)")

@@ -42,7 +42,7 @@ def test_image_figures_did_not_move():
 
 
 def test_oracle_runs_the_text_loop(tmp_path):
-    from hash3d_dg.bench.oracle import oracle_report
+    from hash3d_dg.eval.oracle import oracle_report
 
     torch.manual_seed(0)
     report = oracle_report(iters=20, iters_refine=2, modes=("off", "paper"), sweeps=False, size="tiny", task="text")

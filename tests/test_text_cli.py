@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trimesh
 
-from hash3d_dg.cli import main
+from hash3d_dg.apps.cli import main
 from hash3d_dg.prompts import TextPrompt, prompt_names, read_prompts
 
 ROOT = Path(__file__).resolve().parents[1]

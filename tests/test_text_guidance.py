@@ -8,7 +8,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from hash3d_dg.cache import CachedDenoiser, UNetSplit, make_cache
+from hash3d_dg.cache import CachedDenoiser, make_cache
+from hash3d_dg.guidance.unet_split import UNetSplit
 from hash3d_dg.cache.config import NAMED_CACHE_POINTS, Hash3DConfig
 from hash3d_dg.errors import InputError
 from hash3d_dg.guidance.loading import ModelLoadError

@@ -144,8 +144,8 @@ def cpu_seconds(mode: str, iters: int = 60, iters_refine: int = 5, size: int = 6
     from hash3d_dg.mesh import export_glb, export_obj
     from hash3d_dg.pipeline import RunContext
     from hash3d_dg.preprocess import prepare_image
-    from hash3d_dg.previews import PREVIEW_ELEVATION, contact_sheet, render_views, write_turntable
-    from hash3d_dg.samples import render_sample
+    from hash3d_dg.output.previews import PREVIEW_ELEVATION, contact_sheet, render_views, write_turntable
+    from hash3d_dg.eval.samples import render_sample
     from hash3d_dg.stages import ReferenceView, extract_textured_mesh, run_stage1, run_stage2
 
     cfg = build_config({
@@ -179,8 +179,8 @@ def cpu_seconds(mode: str, iters: int = 60, iters_refine: int = 5, size: int = 6
         parts = _seconds_of(stats, {
             "render_forward": (("render", "gaussians"),),
             "vae_encode_forward": (("encode_images", "guidance/zero123"),),
-            "unet_full": (("full", "cache/unet_split"),),
-            "unet_shallow": (("shallow", "cache/unet_split"),),
+            "unet_full": (("full", "guidance/unet_split"),),
+            "unet_shallow": (("shallow", "guidance/unet_split"),),
             "optimizer": (("step", "torch/optim/adam"),),
             "densification": (("step_post_backward", "gaussians"), ("prune", "gaussians", "run_stage1")),
             "backward": (("backward", "torch/_tensor.py"),),
@@ -212,7 +212,7 @@ def cpu_seconds(mode: str, iters: int = 60, iters_refine: int = 5, size: int = 6
         out.update({f"stage2.{k}": v for k, v in _seconds_of(stats, {
             "render": (("render_supersampled", "stages"),),
             "encode": (("encode_images", "guidance/zero123"),),
-            "refine_unet": (("full", "cache/unet_split"), ("shallow", "cache/unet_split")),
+            "refine_unet": (("full", "guidance/unet_split"), ("shallow", "guidance/unet_split")),
             "decode": (("decode_latents", "guidance"),),
             "loss_backward_optimizer": (("backward", "torch/_tensor.py"), ("step", "torch/optim/adam"),
                                         ("mse_loss", "torch/nn/functional")),

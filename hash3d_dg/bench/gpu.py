@@ -155,7 +155,7 @@ def _log_tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def run_bench(args) -> int:
+def run_from_args(args) -> int:
     import torch
 
     if not torch.cuda.is_available():

@@ -452,11 +452,11 @@ def part_e2e(mode: str, checkpoint: str, out: Path, iters: int, iters_refine: in
 
     import torch
 
-    from hash3d_dg.atomic import save_image_atomic
+    from hash3d_dg.output.atomic import save_image_atomic
     from hash3d_dg.config import build_config
     from hash3d_dg.errors import ConfigError
     from hash3d_dg.pipeline import RunContext, run_image
-    from hash3d_dg.samples import render_sample
+    from hash3d_dg.eval.samples import render_sample
 
     on_cuda = torch.device(device).type == "cuda"
     overrides = [f"device={device}", f"guidance.model={checkpoint}", f"hash3d.mode={mode}",

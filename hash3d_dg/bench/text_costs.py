@@ -56,7 +56,7 @@ def _unet_inputs(unet, batch: int, latent: int):
 @lru_cache(maxsize=4)
 def sd21_unet_gmacs(image_size: int = TEXT_IMAGE_SIZE, batch: int = 2) -> dict:
     """Full and shallow (per named cache point) GMACs of the SD 2.1 UNet for a CFG batch."""
-    from hash3d_dg.cache import UNetSplit
+    from hash3d_dg.guidance.unet_split import UNetSplit
 
     unet = meta_sd21_unet()
     sample, timestep, context = _unet_inputs(unet, batch, image_size // 8)
@@ -136,7 +136,7 @@ def text_per_call_gmacs(cache_point="paper", vae: str = "full", image_size: int 
     unet = sd21_unet_gmacs(image_size, 2)
     point = cache_point if isinstance(cache_point, str) else tuple(cache_point)
     if isinstance(point, tuple):
-        from hash3d_dg.cache import UNetSplit
+        from hash3d_dg.guidance.unet_split import UNetSplit
 
         m = meta_sd21_unet()
         sample, timestep, context = _unet_inputs(m, 2, image_size // 8)
@@ -202,10 +202,20 @@ def text_macs_report(iters: int = 500, iters_refine: int = 50, seed: int = 0, ca
            "not_counted": "rasterizers (Gaussian splatting, mesh), the stage-2 render backward and the "
                           "text encoder (once per prompt)",
            "machine": describe_machine()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the loops' many small CPU ops: one thread (a shared 2-core machine stalls on more)
+    try:
+        counted = {}
+        for mode in modes:
+            point, _ = mode_settings(mode, cache_point, vae)
+            counted[mode] = text_count_calls(mode, iters, iters_refine, seed,
+                                             **({"cache_point": point} if mode != "off" else {}))
+    finally:
+        torch.set_num_threads(threads)
     for mode in modes:
         point, vae_kind = mode_settings(mode, cache_point, vae)
         per_call = text_per_call_gmacs(point, vae_kind)
-        calls = text_count_calls(mode, iters, iters_refine, seed, **({"cache_point": point} if mode != "off" else {}))
+        calls = counted[mode]
         entry = run_tmacs(per_call, calls)
         entry.update(cache_point=point if mode != "off" else None, vae=vae_kind,
                      gmacs_per_call={k: round(v, 3) for k, v in per_call.items()}, calls=calls)

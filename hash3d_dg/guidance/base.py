@@ -228,6 +228,9 @@ class ScoreDistillation:
         if self.denoiser.cache is not None:
             self.denoiser.cache.clear()
 
+    #: The model family a report names (None: not a checkpoint's).
+    family: str | None = None
+
     @property
     def cached(self) -> bool:
         """Whether a Hash3D table serves this guidance's calls."""

@@ -27,10 +27,11 @@ import logging
 import numpy as np
 import torch
 
-from hash3d_dg.cache import CachedDenoiser, CacheKey, UNetSplit
+from hash3d_dg.cache import CachedDenoiser, CacheKey
 from hash3d_dg.guidance.base import FloatSeq
 from hash3d_dg.guidance.latent import LatentGuidance
 from hash3d_dg.guidance.sd_loading import SDComponents
+from hash3d_dg.guidance.unet_split import UNetSplit
 from hash3d_dg.prompts import clean_prompt
 
 logger = logging.getLogger(__name__)

@@ -30,9 +30,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hash3d_dg.cache import CachedDenoiser, CacheKey, UNetSplit
+from hash3d_dg.cache import CachedDenoiser, CacheKey
 from hash3d_dg.guidance.base import FloatSeq
 from hash3d_dg.guidance.latent import LatentGuidance
+from hash3d_dg.guidance.unet_split import UNetSplit
 from hash3d_dg.guidance.loading import Zero123Components
 
 logger = logging.getLogger(__name__)

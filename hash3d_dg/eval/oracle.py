@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
-from hash3d_dg.bench.oracle_scene import OracleScene, render_mesh_rgba
+from hash3d_dg.eval.oracle_scene import OracleScene, render_mesh_rgba
 from hash3d_dg.cache import CachedDenoiser, CacheKey, Hash3DConfig, make_cache
 from hash3d_dg.camera import Camera
 from hash3d_dg.config import RunConfig, build_config
@@ -269,7 +269,7 @@ def oracle_run_config(settings: dict, iters: int, iters_refine: int, seed: int,
 
         values = read_yaml("text.yaml")
         values.pop("hash3d", None)
-        values["guidance"] = {k: v for k, v in values["guidance"].items() if k in ("type", "lambda_zero123")}
+        values["guidance"] = {"lambda_zero123": values["guidance"]["lambda_zero123"]}
         values.update(seed=seed, device=settings["device"])
         values["stage1"].update(iters=iters, num_pts=settings["num_pts"], render_res=list(settings["render_res"]),
                                 invert_bg_prob=0.0)
@@ -314,6 +314,27 @@ def _score(render_fn, truth: list[tuple[torch.Tensor, torch.Tensor]], cameras: l
             "mask_iou": round(float(np.mean(m)), 4), "psnr_per_view": [round(v, 2) for v in p]}
 
 
+def oracle_guidance(cfg: RunConfig, scene: OracleScene,
+                    sds_scale: float = DEFAULT_SDS_SCALE) -> OracleGuidance:
+    """The oracle guidance of a run: ``scene``'s ground truth at the run's guidance size and
+    cameras, through a Hash3D table of ``cfg.hash3d`` (seeded with ``cfg.seed``)."""
+    scheduler = DDIMScheduler.from_config(SCHEDULER_CONFIG)
+    oracle = OracleDenoiser(scene, scheduler.alphas_cumprod, cfg.guidance.image_size, cfg.elevation,
+                            cfg.radius, cfg.fovy)
+    denoiser = CachedDenoiser(oracle, make_cache(cfg.hash3d, seed=cfg.seed))
+    return OracleGuidance(denoiser, sds_scale=sds_scale, seed=cfg.seed, hash3d=cfg.hash3d)
+
+
+def build_guidance(cfg: RunConfig, device: torch.device, dtype: torch.dtype) -> OracleGuidance:
+    """``guidance.type=oracle`` for a product run: the default oracle object (``--size cpu``
+    texture and supersampling) guides the stages, whatever the input image; a run then shows how
+    the loop, the cache and the mesh phase do against a known truth."""
+    size = SIZES["cpu"]
+    scene = OracleScene.default(texture_size=int(size["scene_texture"]), ssaa=int(size["ssaa"]))
+    scene = OracleScene(scene.mesh.to(device), scene.ssaa, cfg.stage2.backend)
+    return oracle_guidance(cfg, scene)
+
+
 def run_oracle_once(scene: OracleScene, hash3d: Hash3DConfig, settings: dict, iters: int,
                     iters_refine: int, seed: int = 0, progress: bool = False) -> dict:
     """Stage 1 -> mesh -> stage 2 with the oracle guidance under ``hash3d``; scores and counts."""
@@ -331,12 +352,9 @@ def run_oracle_once(scene: OracleScene, hash3d: Hash3DConfig, settings: dict, it
     else:
         ref = ReferenceView.from_rgba(scene.rgba(cfg.elevation, 0.0, cfg.radius, cfg.stage1.ref_size, cfg.fovy),
                                       cfg.elevation, cfg.radius, cfg.fovy, cfg.stage1.ref_size, device)
-    scheduler = DDIMScheduler.from_config(SCHEDULER_CONFIG)
-    oracle = OracleDenoiser(scene, scheduler.alphas_cumprod, cfg.guidance.image_size, cfg.elevation,
-                            cfg.radius, cfg.fovy)
-    denoiser = CachedDenoiser(oracle, make_cache(cfg.hash3d, seed=seed))
-    guidance = OracleGuidance(denoiser, sds_scale=float(settings["sds_scale"]), seed=seed,
-                              hash3d=cfg.hash3d)
+    guidance = oracle_guidance(cfg, scene, sds_scale=float(settings["sds_scale"]))
+    oracle = guidance.oracle
+    denoiser = guidance.denoiser
     guidance.set_reference(None if text else ref.image_nchw(), cfg.elevation)
 
     s1 = run_stage1(ref, cfg, guidance, progress=progress)

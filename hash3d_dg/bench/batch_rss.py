@@ -1,6 +1,6 @@
 """Memory over a long folder run: resident memory after each image of a smoke-config batch.
 
-    python benchmarks/batch_rss.py [--images 20] [--json benchmarks/results/batch_rss_cpu.json]
+    python -m hash3d_dg.bench batch-rss [--images 20] [--save benchmarks/results/batch_rss_cpu.json]
 
 Runs ``iter_images`` (the per-image loop ``main.py --image DIR`` uses) in this process over N
 inputs made from the sample images in ``data/`` (each flipped / rotated differently so no two are
@@ -20,8 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: data/ and configs/
 
 
 def _status_kb(field: str) -> int:
@@ -48,12 +47,13 @@ def make_inputs(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=int, default=20)
     parser.add_argument("--config", default=str(ROOT / "configs" / "smoke.yaml"))
-    parser.add_argument("--json", type=Path, help="write the figures here")
-    args = parser.parse_args(argv)
+    parser.add_argument("--save", type=Path, help="also write the figures (per image) here")
+
+
+def run_from_args(args: argparse.Namespace) -> dict:
 
     import torch
 
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
                    "cache_bytes": cache.get("bytes", 0),
                    "seconds": round(time.perf_counter() - start, 1)}
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps(row), file=sys.stderr, flush=True)  # progress; stdout carries the result
     first, last = rows[0], rows[-1]
     config = Path(args.config).resolve()
     config = str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else str(config)
@@ -88,12 +88,10 @@ def main(argv=None) -> int:
                "rss_growth_mb_per_image_after_2": round((last["rss_mb"] - rows[min(1, len(rows) - 1)]["rss_mb"])
                                                         / max(1, len(rows) - 2), 2),
                "python": platform.python_version(), "torch": torch.__version__, "per_image": rows}
-    print(json.dumps({k: v for k, v in summary.items() if k != "per_image"}))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    if args.save:
+        args.save.parent.mkdir(parents=True, exist_ok=True)
+        args.save.write_text(json.dumps(summary, indent=2) + "\n")
+    failed = [r["image"] for r in rows if r["status"] != "ok"]
+    if failed:
+        raise RuntimeError(f"images {failed} failed in the batch")
+    return {k: v for k, v in summary.items() if k != "per_image"}

@@ -71,7 +71,7 @@ def complete_report(output_root: Path, name: str, stage: str) -> dict | None:
 
 def image_row(image, name: str, status: str, worker=None, report: dict | None = None,
               error: str | None = None, attempts: int = 0) -> dict:
-    from hash3d_dg.cli import _summary_line
+    from hash3d_dg.apps.common import summary_line
 
     row = {"image": str(image), "name": name, "status": status, "worker": worker,
            "seconds": stage_seconds(report) if report else {},
@@ -81,7 +81,7 @@ def image_row(image, name: str, status: str, worker=None, report: dict | None = 
     if text is not None:
         row["prompt"] = text
     if report:
-        row["summary"] = _summary_line(name, report)
+        row["summary"] = summary_line(name, report)
     return row
 
 
@@ -90,7 +90,7 @@ class Worker:
 
     def __init__(self, name: str, config: str, overrides: list[str], output_root: str, stage: str,
                  debug: bool) -> None:
-        from hash3d_dg.cli import configure_logging
+        from hash3d_dg.apps.common import configure_logging
 
         configure_logging(debug, stream=sys.stderr)
         if not debug:
@@ -275,8 +275,8 @@ def _wire(image):
 
 def main(args) -> int:
     """``main.py ... --ray [ADDRESS]``: ``args`` are the CLI's parsed arguments."""
-    from hash3d_dg.atomic import write_json_atomic
-    from hash3d_dg.cli import EXIT_USER_ERROR, overrides_from_args
+    from hash3d_dg.output.atomic import write_json_atomic
+    from hash3d_dg.apps.common import EXIT_USER_ERROR, overrides_from_args
 
     started = time.perf_counter()
     try:
@@ -285,9 +285,9 @@ def main(args) -> int:
             raise ConfigError(f"--ray-workers must be at least 1, got {args.ray_workers}")
         if args.name:
             raise ConfigError("--name cannot be used with --ray (each input is named after its file or prompt)")
-        from hash3d_dg.cli import collect_inputs
+        from hash3d_dg.apps.common import collect_inputs
         from hash3d_dg.config import load_config
-        from hash3d_dg.names import output_names
+        from hash3d_dg.output.names import output_names
 
         overrides = overrides_from_args(args)
         cfg = load_config(args.config, overrides)

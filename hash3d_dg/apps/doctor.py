@@ -1,4 +1,4 @@
-"""What this machine can use: ``python -m hash3d_dg.doctor [--json]``.
+"""What this machine can use: ``python -m hash3d_dg.apps.doctor [--json]``.
 
 One line per item: Python, torch and CUDA, each Gaussian and mesh rasterizer backend, the CUDA
 simple-knn, the default Zero-1-to-3 model in the local Hugging Face cache, ffmpeg, node, rembg and
@@ -225,7 +225,7 @@ def collect() -> list[Check]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the checks (``--json``: as a JSON list of {name, ok, detail}); exit status 0."""
-    parser = argparse.ArgumentParser(prog="python -m hash3d_dg.doctor", description="What this machine can use.")
+    parser = argparse.ArgumentParser(prog="python -m hash3d_dg.apps.doctor", description="What this machine can use.")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text lines")
     args = parser.parse_args(argv)
     checks = collect()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hash3d_dg.bench.flops import CACHE_POINTS
+from hash3d_dg.cache.config import CACHE_POINTS
 
 
 def _unets(seed: int, text: bool = False, sd21_full: bool = False):
@@ -34,7 +34,7 @@ def exactness_report(seed: int = 0, batch: int = 2, latent_size: int = 8, text: 
                      sd21_full: bool = False) -> dict:
     """Max |shallow - full| per UNet and cache point, fp32 on CPU, CFG batch of ``batch``
     (``text``: the SD 2.x UNets instead, see ``_unets``)."""
-    from hash3d_dg.cache import UNetSplit
+    from hash3d_dg.guidance.unet_split import UNetSplit
 
     results = {}
     worst = 0.0
@@ -59,3 +59,17 @@ def exactness_report(seed: int = 0, batch: int = 2, latent_size: int = 8, text: 
         results[name] = per_point
     return {"max_abs_diff": worst, "dtype": "float32", "device": "cpu", "latent_size": latent_size,
             "models": results}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", default="image", choices=["image", "text"],
+                   help="text: the SD 2.x UNets (tiny; --sd21-full adds the full-size SD 2.1 one)")
+    p.add_argument("--sd21-full", action="store_true",
+                   help="with --task text: also the full-size SD 2.1 UNet, random weights (~4 GB, minutes on CPU)")
+    p.add_argument("--latent-size", type=int, default=8)
+
+
+def run_from_args(args) -> dict:
+    return exactness_report(args.seed, latent_size=args.latent_size, text=args.task == "text",
+                            sd21_full=args.sd21_full)

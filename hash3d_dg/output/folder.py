@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 from hash3d_dg.errors import OutputError
-from hash3d_dg.names import check_name
+from hash3d_dg.output.names import check_name
 
 try:
     import fcntl

@@ -11,12 +11,12 @@ reference cap:
 Reported: image error (mean, max), and the relative error of the gradients of an image loss with
 respect to the means (what densification statistics follow) and the opacities.
 
-    PYTHONPATH=. python tools/alpha_clamp.py
+    python -m hash3d_dg.bench alpha-clamp --json
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 
 import torch
 
@@ -45,7 +45,11 @@ def render(sc, cam: Camera, max_alpha: float, clamp_opacity: bool):
     return out.image.detach(), means.grad, opac.grad
 
 
-def main() -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """No options: one fixed scene and camera."""
+
+
+def run_from_args(args: argparse.Namespace) -> dict:
     cam = Camera.orbit(-20, 45, 2.0, 256)
     results = {}
     for label, rng in (("opacity 0.95-1", (0.95, 1.0)), ("opacity 0.5-1", (0.5, 1.0)),
@@ -60,9 +64,5 @@ def main() -> None:
                          "means_grad_rel": float((gm - ref_gm).norm() / ref_gm.norm()),
                          "opacity_grad_rel": float((go - ref_go).norm() / ref_go.norm())}
         results[label] = row
-    print(json.dumps({"scene": "3000 Gaussians, 256x256, camera (-20, 45, 2.0)",
-                      "reference": "torch backend, max_alpha 0.99", "results": results}, indent=2))
-
-
-if __name__ == "__main__":
-    main()
+    return {"scene": "3000 Gaussians, 256x256, camera (-20, 45, 2.0)",
+            "reference": "torch backend, max_alpha 0.99", "results": results}

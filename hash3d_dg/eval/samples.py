@@ -5,7 +5,7 @@ numpy from the reference camera of the pipeline (on +z at radius 2, fovy 49.1 de
 lit by Lambert + ambient light, and anti-aliased by regular supersampling, so its alpha has
 soft edges like a matted photo. Rendering is deterministic.
 
-    python -m hash3d_dg.samples [FOLDER]    # writes FOLDER/<name>.png (default: data/)
+    python -m hash3d_dg.eval.samples [FOLDER]    # writes FOLDER/<name>.png (default: data/)
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hash3d_dg.atomic import save_image_atomic
+from hash3d_dg.output.atomic import save_image_atomic
 
 SAMPLE_NAMES: tuple[str, ...] = ("ball", "box", "snowman")
 
@@ -256,7 +256,7 @@ def write_samples(folder: str | os.PathLike[str], size: int = 256) -> list[Path]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: write the sample images into a folder (default ``data/``)."""
-    parser = argparse.ArgumentParser(prog="python -m hash3d_dg.samples", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m hash3d_dg.eval.samples", description=__doc__.splitlines()[0])
     parser.add_argument("folder", nargs="?", type=Path, default=Path("data"), help="output folder (default data/)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     args = parser.parse_args(argv)

@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from hash3d_dg.cache.unet_split import UNetSplit
+from hash3d_dg.guidance.unet_split import UNetSplit
 
 #: The named cache points: the last pair only, DeepCache's (0, 0) = the paper's, the whole last block.
 POINTS = ("last_subblock", "paper", "last_block")

@@ -43,7 +43,7 @@ from diffusers.models.unets.unet_2d_blocks import (
     UpBlock2D,
 )
 
-from hash3d_dg.cache.config import NAMED_CACHE_POINTS
+from hash3d_dg.cache.config import resolve_cache_point
 
 _DOWN_TYPES = (CrossAttnDownBlock2D, DownBlock2D)
 _UP_TYPES = (CrossAttnUpBlock2D, UpBlock2D)
@@ -83,12 +83,8 @@ class UNetSplit:
         self.unet = unet
         self._check_supported(unet)
         ups = list(unet.up_blocks)
-        if isinstance(cache_point, str):
-            if cache_point not in NAMED_CACHE_POINTS:
-                raise ValueError(f"unknown cache point {cache_point!r}: expected one of "
-                                 f"{', '.join(NAMED_CACHE_POINTS)} or (up_block_index, subblock_index)")
-            cache_point = NAMED_CACHE_POINTS[cache_point]
-        u, s = (int(v) for v in cache_point)
+        cache_point = resolve_cache_point(cache_point)
+        u, s = cache_point
         if u < 0:
             u += len(ups)
         if not 0 <= u < len(ups):

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from hash3d_dg.atomic import atomic_path
+from hash3d_dg.output.atomic import atomic_path
 from hash3d_dg.camera import Camera
 from hash3d_dg.mesh import Mesh, rasterize_mesh
 

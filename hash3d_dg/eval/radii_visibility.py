@@ -9,12 +9,12 @@ gsplat 1.5.3's CUDA projection returns per-axis radii ``ceil(e * sqrt(cov_xx))``
 Per view: the projection of gsplat's pure-PyTorch reference (``_torch_impl``) gives the 2D
 covariances the per-axis rule is applied to; the gradients come from the torch backend.
 
-    PYTHONPATH=. python tools/radii_visibility.py
+    python -m hash3d_dg.bench radii-visibility --json
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import math
 
 import torch
@@ -92,18 +92,16 @@ def measure(model: GaussianModel, views: int, size: int, seed: int, radius: floa
                 "only_one_rule": int((sel["ours"] ^ sel["gsplat"]).sum())}}
 
 
-def main() -> None:
-    torch.manual_seed(0)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """No options: two fixed models, 8 views of 128 px."""
+
+
+def run_from_args(args: argparse.Namespace) -> dict:
     blob = GaussianModel.random_init(num_points=5000, seed=0)  # DreamGaussian's start: o = 0.1
     mixed = GaussianModel.random_init(num_points=5000, seed=0)
     with torch.no_grad():  # a later state: opacities spread over (0.005, 0.999)
         o = torch.rand(5000, generator=torch.Generator().manual_seed(1)) * 0.994 + 0.005
         mixed.params["opacities"][:] = torch.log(o / (1 - o))
-    print(json.dumps({"initial_blob_o0.1": measure(blob, 8, 128, 0),
-                      "mixed_opacities": measure(mixed, 8, 128, 0),
-                      "mixed_opacities_close_camera": measure(mixed, 8, 128, 0, radius=0.9)},
-                     indent=2))
-
-
-if __name__ == "__main__":
-    main()
+    return {"initial_blob_o0.1": measure(blob, 8, 128, 0),
+            "mixed_opacities": measure(mixed, 8, 128, 0),
+            "mixed_opacities_close_camera": measure(mixed, 8, 128, 0, radius=0.9)}

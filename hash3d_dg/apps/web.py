@@ -1,11 +1,11 @@
-"""Web app: ``python -m hash3d_dg.app --config configs/smoke.yaml`` (or ``hash3d-dg app``).
+"""Web app: ``python -m hash3d_dg.apps.web --config configs/smoke.yaml`` (or ``hash3d-dg app``).
 
 A gradio page over the same ``RunContext`` / ``run_image`` the CLI uses: drop a photo (or pick
 one of ``data/``), or type a prompt in the box beside it (text to 3D with ``--text-config``,
 default ``text.yaml``; its model is loaded on the first prompt), set the few options people
 touch, press one button, watch the stage loops' own progress, then turn the GLB around, play the
-turntable, look at the 8-view sheet and download the files. The guidance model is loaded once, before the page is served; each job gets a context
-derived from it (``RunContext.with_config``), its own output folder, and runs alone (gradio's
+turntable, look at the 8-view sheet and download the files. The guidance model is loaded once,
+before the page is served; each job gets a context derived from it (``RunContext.with_config``), its own output folder, and runs alone (gradio's
 queue, one job at a time). Scripts use the named endpoint ``/generate``::
 
     from gradio_client import Client, handle_file
@@ -35,7 +35,7 @@ import numpy as np
 from hash3d_dg.cache.config import MODES
 from hash3d_dg.errors import ConfigError, UserError
 
-log = logging.getLogger("hash3d_dg.app")
+log = logging.getLogger("hash3d_dg.apps.web")
 
 DEFAULT_CONFIG = "image.yaml"
 DEFAULT_TEXT_CONFIG = "text.yaml"
@@ -47,9 +47,9 @@ STAGE_LABELS = {"preprocess": "preprocess", "stage1": "stage 1 (gaussians)", "me
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hash3d_dg.cli import _Parser
+    from hash3d_dg.apps.common import OneLineParser
 
-    p = _Parser(prog="python -m hash3d_dg.app", description="Web page: one photo in, a textured 3D mesh (GLB) out.")
+    p = OneLineParser(prog="python -m hash3d_dg.apps.web", description="Web page: one photo in, a textured 3D mesh (GLB) out.")
     p.add_argument("--config", default=DEFAULT_CONFIG,
                    help="YAML config, a path or a name in configs/ (default: %(default)s)")
     p.add_argument("--text-config", default=DEFAULT_TEXT_CONFIG,
@@ -86,7 +86,7 @@ class JobResult:
 
 def zip_obj(folder: Path, name: str) -> Path:
     """``<name>_obj.zip`` holding the OBJ, its MTL and texture (written atomically)."""
-    from hash3d_dg.atomic import atomic_path
+    from hash3d_dg.output.atomic import atomic_path
 
     members = [folder / f"{name}.obj", folder / f"{name}.mtl", folder / f"{name}_albedo.png"]
     target = folder / f"{name}_obj.zip"
@@ -156,7 +156,7 @@ class JobRunner:
     def job_name(self, photo: Path) -> str:
         """``<photo>-<time>-<id>``; a photo name that would make an unusable output name
         (``names.check_name``) is replaced by its slug."""
-        from hash3d_dg.names import check_name, image_name, name_problem, slugify
+        from hash3d_dg.output.names import check_name, image_name, name_problem, slugify
 
         tail = f"-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         name = image_name(photo) + tail
@@ -166,13 +166,13 @@ class JobRunner:
 
     def prompt_job_name(self, prompt) -> str:
         """``<slug of the prompt>-<time>-<id>``."""
-        from hash3d_dg.names import check_name
+        from hash3d_dg.output.names import check_name
 
         return check_name(f"{prompt.slug}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}", self.output_root)
 
     def run(self, photo, cfg, progress_callback=None) -> JobResult:
         """One job: ``photo`` is an image path or a ``prompts.TextPrompt``."""
-        from hash3d_dg.cli import _summary_line
+        from hash3d_dg.apps.common import summary_line
         from hash3d_dg.pipeline import run_image
         from hash3d_dg.prompts import TextPrompt
 
@@ -186,7 +186,7 @@ class JobRunner:
             report = run_image(photo, ctx, self.output_root, name=name, progress_callback=progress_callback)
             folder = self.output_root / name
             zip_obj(folder, name)
-        return JobResult(name=name, folder=folder, report=report, summary=_summary_line(name, report))
+        return JobResult(name=name, folder=folder, report=report, summary=summary_line(name, report))
 
 
 def progress_text(event: dict) -> str:
@@ -329,7 +329,7 @@ def build_app(runner: JobRunner):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hash3d_dg.cli import EXIT_USER_ERROR, configure_logging
+    from hash3d_dg.apps.common import EXIT_USER_ERROR, configure_logging
 
     args = build_parser().parse_args(argv)
     configure_logging(args.debug)

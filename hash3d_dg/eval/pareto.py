@@ -34,7 +34,7 @@ import time
 
 import torch
 
-from hash3d_dg.bench.oracle import _run_job, grid_for, resolve_settings
+from hash3d_dg.eval.oracle import _run_job, grid_for, resolve_settings
 from hash3d_dg.cache import Hash3DConfig
 
 NOISE_SEEDS = (1, 2)
