@@ -39,25 +39,27 @@ TINY_MODEL = "builtin:tiny"  # the built-in tiny random checkpoint (smoke runs, 
 #: implements them under these names.
 MESH_BAKE_MODES = ("front", "first", "average")
 MESH_BAKE_VIEWS = ("default18", "upper14")
-#: Guidance implementations (``guidance.type``): the Zero-1-to-3 image guidance, or the oracle
-#: benchmark's analytic denoiser (it ignores the input and knows the oracle object).
-GUIDANCE_TYPES = ("zero123", "oracle")
+#: Guidance implementations (``guidance.type``): the Zero-1-to-3 image guidance, the Stable
+#: Diffusion text guidance (``--prompt``), or the oracle benchmark's analytic denoiser (it ignores
+#: the input and knows the oracle object).
+GUIDANCE_TYPES = ("zero123", "sd", "oracle")
 
 
 @dataclass
 class GuidanceConfig:
-    type: str = "zero123"  # zero123 | oracle (GUIDANCE_TYPES)
+    type: str = "zero123"  # zero123 (image to 3D, --image) | sd (Stable Diffusion, text to 3D, --prompt) | oracle
     model: str = "ashawkey/stable-zero123-diffusers"  # hub id, local directory or builtin:tiny
     family: str = "auto"  # auto | stable | xl
     guidance_scale: float = 5.0
     image_size: int = 256  # guidance works on renders resized to this size
-    lambda_zero123: float = 1.0  # weight of the SDS loss in stage 1 and the refine loss in stage 2
+    lambda_zero123: float = 1.0  # weight of the guidance: SDS loss in stage 1, refine loss in stage 2 (DreamGaussian: lambda_zero123, or lambda_sd for text)
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float16 | bfloat16 | float32 (bf16: no fp16 overflow, on GPUs that have it)
     vae: str = "auto"  # renders' latents: auto (tiny for hash3d.mode=fast, else full) | full | tiny
     tiny_vae: str = "madebyollin/taesd"  # AutoencoderTiny hub id or local directory (guidance.vae=tiny)
     # GPU speed (auto: on for CUDA, off elsewhere; the eager CPU path is the reference)
     cuda_graphs: str = "auto"  # auto | on | off: replay the SDS step after the render as CUDA graphs
     channels_last: str = "auto"  # auto | on | off: UNet and autoencoders in channels_last memory format
+    negative_prompt: str = ""  # guidance.type=sd: the negative prompt (CFG's unconditional text)
 
 
 @dataclass

@@ -212,3 +212,21 @@ def test_gpus_per_worker_must_be_a_fraction_or_whole(tmp_path, capsys):
     code = cli.main(["--image", str(tmp_path / "in"), "--ray", "--ray-gpus-per-worker", "1.5",
                      "--output", str(tmp_path / "out"), "--config", str(REPO / "configs/smoke.yaml")])
     assert code != 0 and "--ray-gpus-per-worker" in capsys.readouterr().err
+
+
+def test_prompts_file_on_ray(local_ray, tmp_path):
+    """Text to 3D on Ray: a prompts file, the same run_image per prompt, slugs as names."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a ceramic mug\na red apple\n", encoding="utf-8")
+    output = tmp_path / "out"
+    rc = cli.main(["--prompts", str(prompts), "--config", "configs/text_smoke.yaml", "--output", str(output),
+                   "--negative-prompt", "blurry", "--ray", "--ray-workers", "1",
+                   "stage1.iters=1", "stage2.iters=1", "mesh.resolution=32", "output.save_video=false"])
+    assert rc == 0
+    report = json.loads((output / REPORT_NAME).read_text())
+    rows = {row["name"]: row for row in report["images"]}
+    assert set(rows) == {"a-ceramic-mug", "a-red-apple"} and report["counts"]["done"] == 2
+    assert rows["a-red-apple"]["prompt"] == "a red apple"
+    own = json.loads((output / "a-red-apple" / "a-red-apple_report.json").read_text())
+    assert own["prompt"] == "a red apple" and own["negative_prompt"] == "blurry"
+    assert_glb(output / "a-ceramic-mug" / "a-ceramic-mug.glb")

@@ -1,4 +1,9 @@
-"""Command line: ``python main.py --image cat.png --hash3d``.
+"""Command line: ``python main.py --image cat.png --hash3d`` or ``python main.py --prompt "a mug" --hash3d``.
+
+An image runs the image-to-3D path (``configs/image.yaml`` by default, Zero-1-to-3 guidance); a
+prompt (``--prompt TEXT``, or ``--prompts FILE`` with one prompt per line) runs text to 3D
+(``configs/text.yaml`` by default, Stable Diffusion guidance), with the same stages, cache,
+exports, reports, folders of work and Ray runs; a prompt's output name is a slug of it.
 
 Flags are turned into config overrides on top of the YAML config; trailing ``key=value`` words
 override any config key (``stage1.iters=300``, ``hash3d.eta=0.2``). A problem the user can fix
@@ -21,11 +26,11 @@ import threading
 import time
 from pathlib import Path
 
-from hash3d_dg.apps.common import (EXIT_INTERRUPTED, EXIT_USER_ERROR, OneLineParser, configure_logging,
-                                   overrides_from_args, quiet_model_libraries, summary_line)
+from hash3d_dg.apps.common import (DEFAULT_CONFIG, DEFAULT_TEXT_CONFIG, EXIT_INTERRUPTED, EXIT_USER_ERROR,
+                                   OneLineParser, collect_inputs, configure_logging, overrides_from_args,
+                                   quiet_model_libraries, summary_line, text_mode)
 from hash3d_dg.errors import ConfigError, RunInterrupted, UserError
 
-DEFAULT_CONFIG = "image.yaml"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,17 +39,25 @@ def build_parser() -> argparse.ArgumentParser:
     epilog = "config keys (override with key=value):\n  " + "\n  ".join(config_keys())
     p = OneLineParser(prog="main.py", description="One photo in, a textured 3D mesh (GLB) out.",
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
-    p.add_argument("--image", nargs="+", required=True, metavar="PATH",
+    p.add_argument("--image", nargs="+", metavar="PATH",
                    help="input image(s) or a folder of images (PNG/JPEG/WebP; RGBA keeps its alpha)")
-    p.add_argument("--config", default=DEFAULT_CONFIG,
-                   help="YAML config, a path or a name in configs/ (default: %(default)s)")
+    p.add_argument("--prompt", metavar="TEXT",
+                   help="text to 3D: what to make, e.g. \"a ceramic mug with a blue glaze\" (instead of --image)")
+    p.add_argument("--prompts", metavar="FILE",
+                   help="text to 3D for several prompts: a UTF-8 text file, one prompt per line")
+    p.add_argument("--negative-prompt", metavar="TEXT",
+                   help="with --prompt / --prompts: what to steer away from (default: config, empty)")
+    p.add_argument("--config", default=None,
+                   help=f"YAML config, a path or a name in configs/ (default: {DEFAULT_CONFIG} for an image, "
+                        f"{DEFAULT_TEXT_CONFIG} for a prompt)")
     p.add_argument("--output", default="logs", help="output root; results go to OUTPUT/NAME/ (default: %(default)s)")
-    p.add_argument("--name", help="output name (default: the image's file stem; single image only)")
+    p.add_argument("--name", help="output name (default: the image's file stem, or a slug of the prompt; single input only)")
     p.add_argument("--elevation", type=float, help="elevation of the input view in degrees, negative = from above (default: config, 0)")
     p.add_argument("--seed", type=int, help="random seed (default: config, 0)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: config, auto)")
-    p.add_argument("--model", help="Zero-1-to-3 model: hub id, local diffusers directory or builtin:tiny "
-                                   "(default: config, ashawkey/stable-zero123-diffusers)")
+    p.add_argument("--model", help="guidance model: hub id, local diffusers directory or builtin:tiny "
+                                   "(default: config; ashawkey/stable-zero123-diffusers for an image, "
+                                   "stabilityai/stable-diffusion-2-1-base for a prompt)")
     p.add_argument("--iters", type=int, help="stage-1 iterations (default: config, 500)")
     p.add_argument("--iters-refine", type=int, help="stage-2 iterations (default: config, 50)")
     group = p.add_mutually_exclusive_group()
@@ -174,6 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.debug)
+    try:
+        if args.image is not None:
+            image_words, extra = split_image_words(args.image)
+            args.image, args.overrides = image_words, extra + list(args.overrides)
+        text_mode(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
     if args.ray is not None:
         from hash3d_dg.apps import ray_batch as batch_ray
 
@@ -186,18 +207,11 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 from hash3d_dg.config import load_config
                 from hash3d_dg.output.names import check_name, output_names
-                from hash3d_dg.preprocess import find_images
 
-                image_words, extra = split_image_words(args.image)
-                if not image_words:
-                    raise ConfigError("--image needs at least one image or folder")
-                args.overrides = extra + list(args.overrides)
                 cfg = load_config(args.config, overrides_from_args(args))
-                images: list[Path] = []
-                for item in image_words:
-                    images += find_images(item)
+                images = collect_inputs(args)
                 if args.name is not None and len(images) > 1:
-                    raise ConfigError("--name needs a single input image")
+                    raise ConfigError("--name needs a single input")
                 if args.name is not None:  # checked before the output root is made
                     names = [check_name(args.name, args.output, what="--name", fix="pass another --name")]
                 else:

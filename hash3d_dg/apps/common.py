@@ -4,6 +4,7 @@ flags, logging set-up and the one-line summary of a finished run."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -11,6 +12,8 @@ import warnings
 
 from hash3d_dg.errors import ConfigError
 
+DEFAULT_CONFIG = "image.yaml"
+DEFAULT_TEXT_CONFIG = "text.yaml"
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, as a shell reports Ctrl-C
 
@@ -40,7 +43,47 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
         pairs.append("hash3d.mode=off")
     elif args.hash3d or args.hash3d_mode:
         pairs.append(f"hash3d.mode={args.hash3d_mode or 'paper'}")
+    if getattr(args, "negative_prompt", None) is not None:
+        pairs.append(f"guidance.negative_prompt={json.dumps(' '.join(args.negative_prompt.split()))}")
     return pairs + list(args.overrides)
+
+
+def text_mode(args: argparse.Namespace) -> bool:
+    """Whether the command runs prompts (``--prompt`` / ``--prompts``); one line when the
+    inputs are missing or mixed. Sets ``args.config`` to the mode's default config when unset."""
+    prompts = [flag for flag, value in (("--prompt", args.prompt), ("--prompts", args.prompts)) if value is not None]
+    if args.image is not None and prompts:
+        raise ConfigError(f"pass either --image (a photo to 3D) or {prompts[0]} (text to 3D), not both")
+    if len(prompts) == 2:
+        raise ConfigError("pass either --prompt TEXT or --prompts FILE, not both")
+    if args.image is not None and not args.image:
+        raise ConfigError("--image needs at least one image or folder")
+    if args.image is None and not prompts:
+        raise ConfigError("pass --image PATH (a photo to 3D) or --prompt TEXT (text to 3D)")
+    if args.negative_prompt is not None and not prompts:
+        raise ConfigError("--negative-prompt goes with --prompt or --prompts, not with --image")
+    if args.config is None:
+        args.config = DEFAULT_TEXT_CONFIG if prompts else DEFAULT_CONFIG
+    return bool(prompts)
+
+
+def collect_inputs(args: argparse.Namespace, resolve: bool = False) -> list:
+    """The inputs of the command: image paths (files of ``--image`` and its folders; absolute
+    when ``resolve``) or ``TextPrompt`` s; one line for a bad prompt, prompts file or image."""
+    from hash3d_dg.prompts import TextPrompt, read_prompts
+
+    if args.prompt is not None:
+        return [TextPrompt(args.prompt)]
+    if args.prompts is not None:
+        return read_prompts(args.prompts)
+    from pathlib import Path
+
+    from hash3d_dg.preprocess import find_images
+
+    images: list[Path] = []
+    for item in args.image:
+        images += [p.resolve() if resolve else p for p in find_images(item)]
+    return images
 
 
 def configure_logging(debug: bool, stream=None) -> None:
@@ -79,6 +122,8 @@ def quiet_model_libraries(debug: bool) -> None:
 
 def summary_line(name: str, report: dict) -> str:
     parts = [f"{name}: {report['total_seconds']:.1f}s"]
+    if "prompt" in report:
+        parts.append(f"prompt '{report['prompt']}'")
     for key in ("stage1", "mesh", "stage2"):
         if key in report:
             parts.append(f"{key} {report[key]['seconds']:.1f}s")
@@ -86,6 +131,6 @@ def summary_line(name: str, report: dict) -> str:
     if unet.get("full_calls", 0) + unet.get("shallow_calls", 0):
         parts.append(f"UNet full {unet['full_calls']} / shallow {unet['shallow_calls']} "
                      f"(cache hit rate {unet['hit_rate']:.1%})")
-    if "stage1" in report:
+    if "ref_psnr" in report.get("stage1", {}):  # none without a reference view (a prompt)
         parts.append(f"ref PSNR {report['stage1']['ref_psnr']:.2f} dB")
     return " | ".join(parts)

@@ -78,6 +78,9 @@ def image_row(image, name: str, status: str, worker=None, report: dict | None = 
            "seconds": stage_seconds(report) if report else {},
            "hit_rate": report.get("unet_total", {}).get("hit_rate") if report else None,
            "error": error, "attempts": attempts}
+    text = getattr(image, "text", None)  # a prompts.TextPrompt
+    if text is not None:
+        row["prompt"] = text
     if report:
         row["summary"] = summary_line(name, report)
     return row
@@ -209,7 +212,7 @@ def _run_pool(ray, pending: deque, size: int, use_gpu: bool, init_args: tuple,
                 pool.idle.append(slot)  # prefer a worker this image has not killed
                 slot = pool.idle.pop(0)
             item.attempts += 1
-            inflight[slot.actor.run.remote(str(item.image), item.name, item.attempts)] = (slot, item)
+            inflight[slot.actor.run.remote(_wire(item.image), item.name, item.attempts)] = (slot, item)
             log.info(f"[{item.name}] started on {slot.name} (pid {slot.info['pid']}, attempt {item.attempts})")
         if not inflight and not pool.starting:
             for item in pending:
@@ -267,6 +270,13 @@ def _run_pool(ray, pending: deque, size: int, use_gpu: bool, init_args: tuple,
     return rows, pool.workers
 
 
+def _wire(image):
+    """What an actor is sent for an input: an image path as text, a prompt as itself."""
+    from hash3d_dg.prompts import TextPrompt
+
+    return image if isinstance(image, TextPrompt) else str(image)
+
+
 def main(args) -> int:
     """``main.py ... --ray [ADDRESS]``: ``args`` are the CLI's parsed arguments."""
     from hash3d_dg.output.atomic import write_json_atomic
@@ -282,16 +292,14 @@ def main(args) -> int:
             raise ConfigError(f"--ray-gpus-per-worker must be a fraction in (0, 1] or a whole number, "
                               f"got {per_gpu}")
         if args.name:
-            raise ConfigError("--name cannot be used with --ray (each image is named after its file)")
+            raise ConfigError("--name cannot be used with --ray (each input is named after its file or prompt)")
+        from hash3d_dg.apps.common import collect_inputs
         from hash3d_dg.config import load_config
         from hash3d_dg.output.names import output_names
-        from hash3d_dg.preprocess import find_images
 
         overrides = overrides_from_args(args)
         cfg = load_config(args.config, overrides)
-        images: list[Path] = []
-        for entry in args.image:
-            images += [p.resolve() for p in find_images(entry)]
+        images = collect_inputs(args, resolve=True)
         output_root = Path(args.output).resolve()
         # Checked before Ray starts: usable names, no two files sharing one (a file given twice runs once).
         names: dict[str, Path] = dict(zip(output_names(images, output_root, reserved=(REPORT_NAME,)), images))

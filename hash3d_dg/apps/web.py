@@ -1,14 +1,16 @@
 """Web app: ``python -m hash3d_dg.apps.web --config configs/smoke.yaml`` (or ``hash3d-dg app``).
 
 A gradio page over the same ``RunContext`` / ``run_image`` the CLI uses: drop a photo (or pick
-one of ``data/``), set the few options people touch, press one button, watch the stage loops'
-own progress, then turn the GLB around, play the turntable, look at the 8-view sheet and download
-the files. The guidance model is loaded once, before the page is served; each job gets a context
-derived from it (``RunContext.with_config``), its own output folder, and runs alone (gradio's
+one of ``data/``), or type a prompt in the box beside it (text to 3D with ``--text-config``,
+default ``text.yaml``; its model is loaded on the first prompt), set the few options people
+touch, press one button, watch the stage loops' own progress, then turn the GLB around, play the
+turntable, look at the 8-view sheet and download the files. The guidance model is loaded once,
+before the page is served; each job gets a context derived from it (``RunContext.with_config``), its own output folder, and runs alone (gradio's
 queue, one job at a time). Scripts use the named endpoint ``/generate``::
 
     from gradio_client import Client, handle_file
     glb, *rest = Client("http://127.0.0.1:7860/").predict(handle_file("cat.png"), api_name="/generate")
+    glb, *rest = Client("http://127.0.0.1:7860/").predict(None, prompt="a ceramic mug", api_name="/generate")
 
 Bound to 127.0.0.1 unless ``--host`` says otherwise; ``--share`` (a public gradio link) is off
 unless asked for.
@@ -36,6 +38,7 @@ from hash3d_dg.errors import ConfigError, UserError
 log = logging.getLogger("hash3d_dg.apps.web")
 
 DEFAULT_CONFIG = "image.yaml"
+DEFAULT_TEXT_CONFIG = "text.yaml"
 DEFAULT_OUTPUT = "logs/app"
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 HASH3D_MODES = MODES  # off, paper, official, fast (hash3d_dg.cache.config)
@@ -49,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m hash3d_dg.apps.web", description="Web page: one photo in, a textured 3D mesh (GLB) out.")
     p.add_argument("--config", default=DEFAULT_CONFIG,
                    help="YAML config, a path or a name in configs/ (default: %(default)s)")
+    p.add_argument("--text-config", default=DEFAULT_TEXT_CONFIG,
+                   help="YAML config of prompt jobs (text to 3D; default: %(default)s; "
+                        "configs/text_smoke.yaml beside configs/smoke.yaml)")
     p.add_argument("--output", default=DEFAULT_OUTPUT,
                    help="output root; each job writes OUTPUT/<photo>-<time>-<id>/ (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
@@ -93,22 +99,27 @@ def zip_obj(folder: Path, name: str) -> Path:
 
 
 class JobRunner:
-    """Turns one photo plus the page's options into one run of ``run_image``.
+    """Turns one photo (or one prompt) plus the page's options into one run of ``run_image``.
 
     Holds the base config (``--config`` + trailing overrides), the process's ``RunContext``
-    (model loaded once, by :meth:`load`), and the output root. ``run`` is serialised by a lock,
-    so even a job whose page was closed mid-run finishes before the next one starts.
+    (model loaded once, by :meth:`load`), the text config (``--text-config`` + the same
+    overrides) and its context (its model loaded on the first prompt job), and the output root.
+    ``run`` is serialised by a lock, so even a job whose page was closed mid-run finishes before
+    the next one starts.
     """
 
-    def __init__(self, config: str, overrides: list[str], output_root: str | Path) -> None:
+    def __init__(self, config: str, overrides: list[str], output_root: str | Path,
+                 text_config: str = DEFAULT_TEXT_CONFIG) -> None:
         from hash3d_dg.config import load_config
         from hash3d_dg.pipeline import RunContext
 
         self.config = config
+        self.text_config = text_config
         self.overrides = list(overrides)
         self.output_root = Path(output_root).resolve()
         self.base_cfg = load_config(config, self.overrides)
         self.ctx = RunContext.create(self.base_cfg, progress=False)
+        self.text_ctx = RunContext.create(load_config(text_config, self.overrides), progress=False)
         self._lock = threading.Lock()
 
     def load(self) -> None:
@@ -121,13 +132,21 @@ class JobRunner:
                 "stage2_iters": cfg.stage2.iters, "elevation": cfg.elevation, "seed": cfg.seed,
                 "remove_background": cfg.matting != "alpha"}
 
-    def job_config(self, hash3d_mode: str, stage1_iters, stage2_iters, elevation, seed, remove_background: bool):
+    def job_config(self, hash3d_mode: str, stage1_iters, stage2_iters, elevation, seed, remove_background: bool,
+                   text: bool = False, negative_prompt: str = ""):
+        """The run config of one job; ``text``: a prompt job (``--text-config``, the negative
+        prompt; the background option does not apply)."""
+        import json
+
         from hash3d_dg.config import load_config
 
         if hash3d_mode not in HASH3D_MODES:
             raise ConfigError(f"Hash3D mode must be one of {', '.join(HASH3D_MODES)}, got {hash3d_mode!r}")
         job = [f"hash3d.mode={hash3d_mode}", f"stage1.iters={int(stage1_iters)}",
                f"stage2.iters={int(stage2_iters)}", f"elevation={float(elevation)}", f"seed={int(seed)}"]
+        if text:
+            negative = " ".join(str(negative_prompt or "").split())
+            return load_config(self.text_config, self.overrides + job + [f"guidance.negative_prompt={json.dumps(negative)}"])
         if not remove_background:
             job.append("matting=alpha")  # keep the photo's own alpha; no background removal
         elif self.base_cfg.matting == "alpha":
@@ -145,14 +164,25 @@ class JobRunner:
             name = slugify(image_name(photo), fallback="photo") + tail
         return check_name(name, self.output_root)
 
-    def run(self, photo: str | Path, cfg, progress_callback=None) -> JobResult:
+    def prompt_job_name(self, prompt) -> str:
+        """``<slug of the prompt>-<time>-<id>``."""
+        from hash3d_dg.output.names import check_name
+
+        return check_name(f"{prompt.slug}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}", self.output_root)
+
+    def run(self, photo, cfg, progress_callback=None) -> JobResult:
+        """One job: ``photo`` is an image path or a ``prompts.TextPrompt``."""
         from hash3d_dg.apps.common import summary_line
         from hash3d_dg.pipeline import run_image
+        from hash3d_dg.prompts import TextPrompt
 
-        photo = Path(photo)
+        text = isinstance(photo, TextPrompt)
+        photo = photo if text else Path(photo)
         with self._lock:
-            ctx = self.ctx.with_config(cfg)
-            name = self.job_name(photo)
+            base = self.text_ctx if text else self.ctx
+            base.guidance()  # the model of its kind, loaded once per process
+            ctx = base.with_config(cfg)
+            name = self.prompt_job_name(photo) if text else self.job_name(photo)
             report = run_image(photo, ctx, self.output_root, name=name, progress_callback=progress_callback)
             folder = self.output_root / name
             zip_obj(folder, name)
@@ -183,13 +213,27 @@ def build_app(runner: JobRunner):
 
     def generate(photo, hash3d_mode=d["hash3d_mode"], stage1_iters=d["stage1_iters"],
                  stage2_iters=d["stage2_iters"], elevation=d["elevation"], seed=d["seed"],
-                 remove_background=d["remove_background"], progress=gr.Progress()):
-        """Photo in; GLB, preprocessed input, turntable, 8-view sheet, downloads and summary out."""
+                 remove_background=d["remove_background"], prompt=None, negative_prompt=None,
+                 progress=gr.Progress()):
+        """Photo (or prompt) in; GLB, preprocessed input, turntable, 8-view sheet, downloads and
+        summary out."""
+        from hash3d_dg.prompts import TextPrompt
+
         n_out = 8
-        if not photo:
-            raise gr.Error("error: no photo: upload one or pick an example", duration=None)
+        raw = "" if prompt is None else str(prompt)
+        typed = bool(raw.strip())
+        if photo and typed:
+            raise gr.Error("error: pass either a photo (photo to 3D) or a prompt (text to 3D), not both: "
+                           "clear one of them", duration=None)
+        if not photo and not raw:
+            raise gr.Error("error: no photo and no prompt: upload a photo, pick an example or type a prompt",
+                           duration=None)
+        typed = typed or not photo  # a prompt of blanks alone: the prompt's own one-line error
         try:
-            cfg = runner.job_config(hash3d_mode, stage1_iters, stage2_iters, elevation, seed, remove_background)
+            if typed:
+                photo = TextPrompt(prompt, source="page")
+            cfg = runner.job_config(hash3d_mode, stage1_iters, stage2_iters, elevation, seed, remove_background,
+                                    text=typed, negative_prompt=negative_prompt)
         except UserError as exc:
             raise gr.Error(f"error: {exc}", duration=None) from None
         cached = cfg.hash3d.mode != "off"
@@ -201,7 +245,7 @@ def build_app(runner: JobRunner):
             except BaseException as exc:  # noqa: BLE001 - reported as one line in the page
                 if not isinstance(exc, UserError):
                     log.exception("job on %s failed", photo)
-                events.put(("error", error_line(exc, Path(photo).name)))
+                events.put(("error", error_line(exc, photo if typed else Path(photo).name)))
 
         threading.Thread(target=work, name="hash3d-dg-job", daemon=True).start()
         progress(None, desc="waiting for the model")
@@ -223,15 +267,16 @@ def build_app(runner: JobRunner):
             result: JobResult = payload
             log.info(result.summary)
             video = result.file("_turntable.mp4")
-            yield (str(result.file(".glb")), str(result.file("_rgba.png")),
+            rgba = result.file("_rgba.png")
+            yield (str(result.file(".glb")), str(rgba) if rgba.is_file() else None,
                    str(video) if video.is_file() else None, str(result.file("_views.png")),
                    str(result.file("_obj.zip")), str(result.file("_gaussians.ply")),
                    str(result.file("_report.json")), result.summary)
             return
 
     with gr.Blocks(title="hash3d-dg: photo to 3D", analytics_enabled=False) as demo:
-        gr.Markdown("# hash3d-dg\nOne photo in, a textured 3D mesh out (DreamGaussian + Zero-1-to-3 "
-                    "guidance + the Hash3D feature cache).")
+        gr.Markdown("# hash3d-dg\nOne photo (or a prompt) in, a textured 3D mesh out (DreamGaussian + "
+                    "Zero-1-to-3 or Stable Diffusion guidance + the Hash3D feature cache).")
         with gr.Row():
             with gr.Column(scale=1):
                 photo = gr.File(label="Photo (PNG / JPEG / WebP; RGBA keeps its alpha)",
@@ -239,6 +284,9 @@ def build_app(runner: JobRunner):
                                 elem_id="photo")
                 if examples:
                     gr.Examples(examples=[[p] for p in examples], inputs=[photo], label="Examples from data/")
+                prompt = gr.Textbox(label="Or a prompt (text to 3D, instead of a photo)", lines=1,
+                                    placeholder="a ceramic mug with a blue glaze", elem_id="prompt")
+                negative_prompt = gr.Textbox(label="Negative prompt (with a prompt)", lines=1, elem_id="negative-prompt")
                 hash3d_mode = gr.Radio(list(HASH3D_MODES), value=d["hash3d_mode"], label="Hash3D mode",
                                        elem_id="hash3d-mode")
                 with gr.Row():
@@ -271,7 +319,8 @@ def build_app(runner: JobRunner):
         # The GLB reaches the 3D viewer in a second step: gradio 6.31's Model3D draws nothing
         # when its value comes from a generator (checked in headless Chromium).
         button.click(generate,
-                     inputs=[photo, hash3d_mode, stage1_iters, stage2_iters, elevation, seed, remove_background],
+                     inputs=[photo, hash3d_mode, stage1_iters, stage2_iters, elevation, seed, remove_background,
+                             prompt, negative_prompt],
                      outputs=[glb_btn, preprocessed, turntable, views, obj_btn, ply_btn, report_btn, summary],
                      api_name="generate", concurrency_limit=1
                      ).success(lambda glb: glb, inputs=[glb_btn], outputs=[model3d], api_visibility="private",
@@ -286,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.debug)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
-        runner = JobRunner(args.config, args.overrides, args.output)
+        runner = JobRunner(args.config, args.overrides, args.output, text_config=args.text_config)
         log.info(runner.ctx.describe())
         runner.load()
     except UserError as exc:

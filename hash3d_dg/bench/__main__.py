@@ -18,7 +18,7 @@ from importlib import import_module
 
 #: name -> (module, help). Order = the order ``--help`` lists them.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "flops": ("hash3d_dg.bench.flops", "GMACs of the real stable-zero123 UNet / VAE (meta device)"),
+    "flops": ("hash3d_dg.bench.flops", "GMACs of the real stable-zero123 (or, --task text, SD 2.1) UNet / VAE (meta device)"),
     "macs": ("hash3d_dg.bench.macs", "TMACs of a whole run per hash3d mode (call counts from the real stage loops)"),
     "breakdown": ("hash3d_dg.bench.breakdown", "whole-run cost per phase and mode: TMACs and CPU seconds side by side"),
     "speed": ("hash3d_dg.bench.speed", "seconds per stage iteration, hash3d off vs each mode, side by side"),
@@ -31,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "oracle": ("hash3d_dg.eval.oracle", "quality without weights: an oracle denoiser stands in for Zero-1-to-3"),
     "pareto": ("hash3d_dg.eval.pareto", "oracle quality against UNet calls served shallow, per cache policy"),
     "staleness": ("hash3d_dg.eval.staleness", "error of a reused deep feature per cache point (stable-zero123 architecture, random weights)"),
-    "cache-exactness": ("hash3d_dg.eval.exactness", "shallow cached path vs full forward on tiny UNets"),
+    "cache-exactness": ("hash3d_dg.eval.exactness", "shallow cached path vs full forward on tiny UNets (--task text: SD 2.x)"),
     "alpha-clamp": ("hash3d_dg.eval.alpha_clamp", "gsplat's 0.999 alpha cap against the reference 0.99 (CPU)"),
     "radii-visibility": ("hash3d_dg.eval.radii_visibility", "how gsplat's radii rule would change densification statistics (CPU)"),
 }

@@ -147,9 +147,15 @@ def flops_report(image_size: int = 256, cache_point: str = "paper") -> dict:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--task", default="image", choices=["image", "text"],
+                   help="image: stable-zero123 at 256 px; text: Stable Diffusion 2.1-base at 512 px (bench.text_costs)")
+    p.add_argument("--image-size", type=int, default=None, help="default: 256 (image), 512 (text)")
     p.add_argument("--cache-point", default="paper", choices=list(CACHE_POINTS))
 
 
 def run_from_args(args) -> dict:
-    return flops_report(args.image_size, args.cache_point)
+    if args.task == "text":
+        from hash3d_dg.bench.text_costs import text_flops_report
+
+        return text_flops_report(args.image_size or 512, args.cache_point)
+    return flops_report(args.image_size or 256, args.cache_point)

@@ -25,6 +25,9 @@ reported and the next part still runs), inside one overall budget:
 7. launches (CPU, overlapping the build): ``bench launches`` per mode; graphs: one CFG UNet call
    eager against replayed from its CUDA graph at each cache point; concurrency: ``--concurrency``
    end-to-end runs at once on the GPU (images per minute, as ``--ray-gpus-per-worker``).
+8. checkpoint-text (written beside the checkpoint part) and e2e-text-<mode> (``--text-modes``,
+   default paper): text to 3D end to end, a prompt through configs/text.yaml on a random
+   full-size Stable Diffusion 2.1 checkpoint (fp16, 512-px guidance), the same figures.
 
 Writes DIR/gpu_bench.json (everything, with versions and device name), DIR/gpu_bench.txt (a short
 summary) and DIR/logs/<part>.log; prints the JSON (``--json``) or the summary. Exit status: 0
@@ -47,9 +50,10 @@ GAUSSIAN_CUDA = ("gsplat", "inria")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Caps in seconds for each part (each also stops at the overall deadline).
-CAPS = {"build-gsplat": 330, "checkpoint": 240, "build-inria": 60, "build-nvdiffrast": 180,
-        "tests": 120, "compare": 60, "timing": 90, "e2e": 120, "graphs": 60, "launches": 240,
-        "concurrency": 120}
+CAPS = {"build-gsplat": 330, "checkpoint": 240, "checkpoint-text": 240, "build-inria": 60,
+        "build-nvdiffrast": 180, "tests": 150, "compare": 90, "timing": 120, "e2e": 120,
+        "graphs": 60, "launches": 240, "concurrency": 120}
+TEXT_MODES = ("paper",)
 MIN_START = 20  # a part is skipped when less than this is left
 
 
@@ -64,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "parts that do not fit are skipped and reported")
     p.add_argument("--modes", nargs="+", default=list(MODES),
                    help="hash3d modes of the end-to-end runs (default: off paper fast)")
+    p.add_argument("--text-modes", nargs="*", default=list(TEXT_MODES),
+                   help="hash3d modes of the text end-to-end runs (a prompt, configs/text.yaml, a random "
+                        "full-size SD 2.1 checkpoint; default: paper; none: no text runs)")
     p.add_argument("--iters", type=int, default=0,
                    help="stage-1 iterations of each end-to-end run (default 0: the product's, 500)")
     p.add_argument("--iters-refine", type=int, default=0,
@@ -224,6 +231,10 @@ def run_from_args(args) -> int:
                         limit("launches"), cpu_env)
     else:
         skipped("launches", "--skip")
+    text_ckpt = scratch_dir() / "random-stable-diffusion-2-1-base"
+    if want_e2e and args.text_modes:
+        running.append(Part("checkpoint-text", _part_cmd("checkpoint-text", out, "--checkpoint", str(text_ckpt)),
+                            out / "logs" / "checkpoint-text.log", limit("checkpoint-text"), env))
     for part in running:
         finish(part.name, part.wait())
     for backend in ("inria", "nvdiffrast"):
@@ -303,6 +314,23 @@ def run_from_args(args) -> int:
 
     if launches is not None:
         finish("launches", launches.wait())
+
+    # 7. text to 3D end to end, fp16, a random full-size SD 2.1 checkpoint
+    text_ok = results["parts"].get("checkpoint-text", {}).get("status") == "ok"
+    for mode in args.text_modes:
+        name = f"e2e-text-{mode}"
+        if not want_e2e:
+            skipped(name, "--skip")
+        elif not text_ok:
+            skipped(name, "no SD checkpoint (the checkpoint-text part failed)")
+        elif limit(name) < MIN_START:
+            skipped(name, "no time left in the budget")
+        else:
+            cmd = _part_cmd("e2e", out, "--task", "text", "--mode", mode, "--checkpoint", str(text_ckpt),
+                            "--iters", str(args.iters), "--iters-refine", str(args.iters_refine),
+                            "--decimate-target", str(args.decimate_target),
+                            "--dtype", args.dtype, *backends_arg)
+            finish(name, run_command_part(name, cmd, out / "logs" / f"{name}.log", limit(name), env))
 
     results["wall_s"] = round(time.monotonic() - t0, 1)
     results["failures"] = failures(results)

@@ -1,7 +1,7 @@
 """The parts of ``python -m hash3d_dg.bench gpu``, each run as its own process:
 
-    python -m hash3d_dg.bench.gpu_parts --part {build,checkpoint,tests,compare,timing,e2e,graphs,
-        launches,concurrency} --out DIR
+    python -m hash3d_dg.bench.gpu_parts --part {build,checkpoint,checkpoint-text,tests,compare,timing,
+        e2e,graphs,launches,concurrency} --out DIR
 
 Each writes ``DIR/parts/<name>.json``. ``timing`` and ``e2e`` also run on a CPU (``--device cpu``,
 small settings), which is how their code is tested without a GPU.
@@ -635,10 +635,25 @@ def build_config_ok(overrides: list[str], mode: str) -> bool:
     return True
 
 
+def part_checkpoint_text(path: str, arch: str = "full") -> dict:
+    """The random full-size Stable Diffusion 2.1 checkpoint of the text end-to-end runs."""
+    import torch
+
+    from hash3d_dg.bench.gpu_checkpoint import write_random_sd_checkpoint
+
+    start = time.perf_counter()
+    root = write_random_sd_checkpoint(path, arch=arch, device="cuda" if torch.cuda.is_available() else "cpu")
+    size = sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file())
+    return {"path": str(root), "arch": arch, "gib": round(size / 2**30, 2),
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
 def part_e2e(mode: str, checkpoint: str, out: Path, iters: int, iters_refine: int,
              decimate_target: int, backends: list[str], device: str = "cuda",
-             extra: list[str] | None = None, dtype: str = "float16") -> dict:
-    """One end-to-end run of the product in ``mode`` (fp16 on CUDA)."""
+             extra: list[str] | None = None, dtype: str = "float16", task: str = "image",
+             prompt: str = "a ceramic mug with a blue glaze") -> dict:
+    """One end-to-end run of the product in ``mode`` (fp16 on CUDA); ``task="text"``: a prompt
+    through configs/text.yaml with a Stable Diffusion checkpoint."""
     import math
 
     start = time.perf_counter()
@@ -671,7 +686,12 @@ def part_e2e(mode: str, checkpoint: str, out: Path, iters: int, iters_refine: in
         overrides.append(f"guidance.tiny_vae={taesd}")  # fast's autoencoder, random full-size
     overrides += list(extra or [])
     try:
-        cfg = build_config(overrides=overrides)
+        if task == "text":
+            from hash3d_dg.config import load_config
+
+            cfg = load_config("text.yaml", overrides)
+        else:
+            cfg = build_config(overrides=overrides)
     except ConfigError as exc:
         if not build_config_ok(overrides, mode):  # the failure is not the mode's own
             raise
@@ -697,7 +717,12 @@ def part_e2e(mode: str, checkpoint: str, out: Path, iters: int, iters_refine: in
     load["weights"] = round(load_s, 2)
     busy = GpuBusy() if on_cuda else None
     with PhaseTimers() as timers, (busy or contextlib.nullcontext()):
-        report = run_image(image, ctx, output_root=scratch / "e2e", name=f"ball_{mode}")
+        if task == "text":
+            from hash3d_dg.prompts import TextPrompt
+
+            report = run_image(TextPrompt(prompt), ctx, output_root=scratch / "e2e", name=f"text_{mode}")
+        else:
+            report = run_image(image, ctx, output_root=scratch / "e2e", name=f"ball_{mode}")
     graphs = getattr(getattr(guidance, "denoiser", None), "model", None)
     graph_stats = graphs.stats() if hasattr(graphs, "stats") else None
     if graph_stats:
@@ -710,7 +735,8 @@ def part_e2e(mode: str, checkpoint: str, out: Path, iters: int, iters_refine: in
     losses = [s1.get("final_loss"), s2.get("final_loss")]
     finite = all(isinstance(x, (int, float)) and math.isfinite(x) for x in losses if x is not None)
     unet = report.get("unet_total", {})
-    return {"mode": mode, "overrides": overrides, "phases_s": phases,
+    return {"mode": mode, "task": task, **({"prompt": prompt} if task == "text" else {}),
+            "overrides": overrides, "phases_s": phases,
             "total_s": report.get("total_seconds"),
             "stage1_it_per_s": round(iters / s1["seconds"], 2) if s1.get("seconds") else None,
             "stage2_it_per_s": round(iters_refine / s2["seconds"], 2) if s2.get("seconds") else None,
@@ -727,13 +753,16 @@ def _part_main(args) -> int:
     out = Path(args.out).resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     name = args.part if args.part not in ("build", "e2e") else (
-        f"build-{args.backend}" if args.part == "build" else f"e2e-{args.mode}")
+        f"build-{args.backend}" if args.part == "build"
+        else f"e2e-text-{args.mode}" if args.task == "text" else f"e2e-{args.mode}")
     start = time.perf_counter()
     try:
         if args.part == "build":
             data = part_build(args.backend)
         elif args.part == "checkpoint":
             data = part_checkpoint(args.checkpoint)
+        elif args.part == "checkpoint-text":
+            data = part_checkpoint_text(args.checkpoint, args.arch)
         elif args.part == "tests":
             data = part_tests(args.backends, timeout=args.timeout_s)
         elif args.part == "compare":
@@ -750,7 +779,7 @@ def _part_main(args) -> int:
         else:
             data = part_e2e(args.mode, args.checkpoint, out, args.iters, args.iters_refine,
                             args.decimate_target, args.backends, device=args.device,
-                            extra=args.set, dtype=args.dtype)
+                            extra=args.set, dtype=args.dtype, task=args.task)
     except Exception as exc:  # noqa: BLE001 - recorded, and the process fails
         import traceback
 
@@ -769,8 +798,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hash3d_dg.bench.gpu_parts",
                                 description="one part of `python -m hash3d_dg.bench gpu`")
     p.add_argument("--part", required=True,
-                   choices=["build", "checkpoint", "tests", "compare", "timing", "e2e", "graphs",
-                            "launches", "concurrency"])
+                   choices=["build", "checkpoint", "checkpoint-text", "tests", "compare", "timing", "e2e",
+                            "graphs", "launches", "concurrency"])
     p.add_argument("--workers", type=int, default=2, help="concurrency: runs at once")
     p.add_argument("--out", required=True)
     p.add_argument("--backend", choices=["gsplat", "inria", "nvdiffrast"])
@@ -785,6 +814,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", help="timing / e2e only: cpu runs them small")
     p.add_argument("--quick", action="store_true", help="timing: one small case")
     p.add_argument("--set", nargs="*", default=[], help="e2e: extra config overrides key=value")
+    p.add_argument("--task", default="image", choices=["image", "text"],
+                   help="e2e: image (ball.png, Zero-1-to-3) or text (a prompt, Stable Diffusion)")
+    p.add_argument("--arch", default="full", choices=["full", "tiny"], help="checkpoint-text: sizes")
     args = p.parse_args(argv)
     return _part_main(args)
 

@@ -87,7 +87,12 @@ SIZES: dict[str, dict[str, Any]] = {
                  mesh_resolution=24, texture_size=64, bake_render_size=32, eval_size=32,
                  num_pts=500, scene_texture=64, ssaa=1, device="cpu"),
 }
-SETTING_KEYS = tuple(SIZES["cpu"]) + ("sds_scale", "eval_views", "eval_elevation", "threads")
+SETTING_KEYS = tuple(SIZES["cpu"]) + ("sds_scale", "eval_views", "eval_elevation", "threads", "task")
+#: ``task``: ``image`` (configs/image.yaml's loop, the reference view fitted) or ``text``
+#: (configs/text.yaml's loop: no reference view, radius 2.5, densification from step 0 every
+#: 50, position lr over 300 steps, first-view bake). The oracle reads no prompt: in text mode it
+#: judges the text loop and the cache in it, not a text model.
+TASKS = ("image", "text")
 #: torch intra-op threads during the benchmark: the stages' many small CPU ops run fastest on one
 #: thread, and several threads on a shared 2-core machine were measured ~8x slower.
 DEFAULT_THREADS = 1
@@ -248,15 +253,33 @@ def resolve_settings(size: str = "cpu", **overrides) -> dict:
     if unknown:
         raise ValueError(f"unknown oracle setting(s): {', '.join(unknown)}")
     settings = dict(SIZES[size], size=size, sds_scale=DEFAULT_SDS_SCALE, eval_views=EVAL_VIEWS,
-                    eval_elevation=EVAL_ELEVATION, threads=DEFAULT_THREADS)
+                    eval_elevation=EVAL_ELEVATION, threads=DEFAULT_THREADS, task="image")
     settings.update(overrides)
+    if settings["task"] not in TASKS:
+        raise ValueError(f"unknown oracle task {settings['task']!r}: expected one of {', '.join(TASKS)}")
     return settings
 
 
 def oracle_run_config(settings: dict, iters: int, iters_refine: int, seed: int,
                       hash3d: Hash3DConfig) -> RunConfig:
     """The real ``RunConfig`` of one oracle run (DreamGaussian defaults except the sizes, and
-    renders always over white)."""
+    renders always over white); ``settings["task"] == "text"``: configs/text.yaml's loop."""
+    if settings.get("task", "image") == "text":
+        from hash3d_dg.config import read_yaml
+
+        values = read_yaml("text.yaml")
+        values.pop("hash3d", None)
+        values["guidance"] = {"lambda_zero123": values["guidance"]["lambda_zero123"]}
+        values.update(seed=seed, device=settings["device"])
+        values["stage1"].update(iters=iters, num_pts=settings["num_pts"], render_res=list(settings["render_res"]),
+                                invert_bg_prob=0.0)
+        values["mesh"].update(resolution=settings["mesh_resolution"], texture_size=settings["texture_size"],
+                              bake_render_size=settings["bake_render_size"])
+        values["stage2"].update(iters=iters_refine, render_res=settings["stage2_render_res"])
+        values["guidance"]["image_size"] = settings["guidance_size"]
+        cfg = build_config(values)
+        cfg.hash3d = copy.deepcopy(hash3d)
+        return cfg
     cfg = build_config({
         "seed": seed, "device": settings["device"],
         "stage1": {"iters": iters, "ref_size": settings["ref_size"], "num_pts": settings["num_pts"],
@@ -323,12 +346,15 @@ def run_oracle_once(scene: OracleScene, hash3d: Hash3DConfig, settings: dict, it
     cfg, device = ctx.cfg, ctx.device
     scene = OracleScene(scene.mesh.to(device), scene.ssaa, ctx.mesh_backend)
     start = time.perf_counter()
-    ref = ReferenceView.from_rgba(scene.rgba(cfg.elevation, 0.0, cfg.radius, cfg.stage1.ref_size, cfg.fovy),
-                                  cfg.elevation, cfg.radius, cfg.fovy, cfg.stage1.ref_size, device)
+    text = settings.get("task", "image") == "text"
+    if text:  # no reference view: the oracle's guidance alone shapes the object
+        ref = ReferenceView.camera_only(cfg.elevation, cfg.radius, cfg.fovy, cfg.stage1.ref_size, device)
+    else:
+        ref = ReferenceView.from_rgba(scene.rgba(cfg.elevation, 0.0, cfg.radius, cfg.stage1.ref_size, cfg.fovy),
+                                      cfg.elevation, cfg.radius, cfg.fovy, cfg.stage1.ref_size, device)
     guidance = oracle_guidance(cfg, scene, sds_scale=float(settings["sds_scale"]))
     oracle = guidance.oracle
-    denoiser = guidance.denoiser
-    guidance.set_reference(ref.image_nchw(), cfg.elevation)
+    guidance.set_reference(None if text else ref.image_nchw(), cfg.elevation)
 
     s1 = run_stage1(ref, cfg, guidance, progress=progress)
     mesh, mesh_report = extract_textured_mesh(s1.gaussians, cfg)
@@ -460,7 +486,8 @@ def oracle_report(iters: int = 500, iters_refine: int = 50, modes: Sequence[str]
     report["settings"] = {
         "iters": iters, "iters_refine": iters_refine, "seed": seed, **settings, "jobs": jobs,
         "runs": len(configs), "total_seconds": round(time.perf_counter() - start, 1),
-        "reference_view": {"elevation": 0.0, "azimuth": 0.0, "radius": 2.0},
+        "reference_view": ({"elevation": 0.0, "azimuth": 0.0, "radius": 2.0} if settings["task"] == "image" else
+                           "none (text loop: configs/text.yaml, radius 2.5; the camera at azimuth 0 faces +z)"),
         "evaluation": (f"{settings['eval_views']} views at elevation {settings['eval_elevation']} "
                        "(30 deg looking from above), azimuths evenly spaced from 0, "
                        f"{settings['eval_size']} px; final mesh vs ground truth, both over white; "
@@ -501,10 +528,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                         help="torch CPU threads during the runs (default 1; 0 keeps torch's setting)")
     parser.add_argument("--progress", action="store_true", help="show the stages' progress bars")
+    parser.add_argument("--task", default="image", choices=list(TASKS),
+                        help="image: the image loop (reference view fitted); text: configs/text.yaml's loop, "
+                             "no reference view (the oracle reads no prompt) (default: image)")
 
 
 def run_from_args(args: argparse.Namespace) -> dict:
     return oracle_report(iters=args.iters, iters_refine=args.iters_refine, modes=tuple(args.modes),
                          sweeps=not args.no_sweeps, seed=args.seed, progress=args.progress,
                          size=args.size, etas=tuple(args.etas), grid_sizes=tuple(args.grid_sizes),
-                         jobs=args.jobs, threads=args.threads)
+                         jobs=args.jobs, threads=args.threads, task=args.task)

@@ -137,7 +137,15 @@ def image_name(image: str | os.PathLike) -> str:
 
 def output_names(images: list, root: str | os.PathLike | None = None, reserved: tuple[str, ...] = ()) -> list[str]:
     """The output name of each input (``image_name``), all checked before any work: each usable
-    under ``root``, and no two different files sharing one (``ConfigError`` otherwise)."""
+    under ``root``, and no two different files sharing one (``ConfigError`` otherwise). Prompts
+    (``prompts.TextPrompt``) are named by ``prompts.prompt_names`` (slugs; repeats numbered)."""
+    from hash3d_dg.prompts import TextPrompt, prompt_names
+
+    if images and all(isinstance(item, TextPrompt) for item in images):
+        names = prompt_names(images)
+        for prompt, name in zip(images, names):
+            check_name(name, root, what=f"{prompt}: output name", fix="pass --name", reserved=reserved)
+        return names
     names: list[str] = []
     seen: dict[str, Path] = {}
     for image in images:

@@ -39,7 +39,7 @@ def render_resolution(step_ratio: float, resolutions: list, milestones: list) ->
 
 def evaluate_reference(gaussians: GaussianModel, ref: ReferenceView, backend: str) -> dict:
     with torch.no_grad():
-        out = gaussians.render(ref.camera, torch.tensor(WHITE, device=ref.rgb.device), backend=backend)
+        out = gaussians.render(ref.camera, torch.tensor(WHITE, device=ref.device), backend=backend)
     return {"ref_psnr": round(psnr(out.image, ref.rgb), 3),
             "ref_mask_iou": round(mask_iou(out.alpha, ref.mask), 4)}
 
@@ -77,7 +77,7 @@ def run_stage1(ref: ReferenceView, cfg: RunConfig, guidance=None, progress: bool
     global random state is read or set.
     """
     s1 = cfg.stage1
-    device = ref.rgb.device
+    device = ref.device
     rng = np.random.default_rng(cfg.seed)
     if gaussians is None:
         gaussians = GaussianModel.random_init(s1.num_pts, s1.init_radius, seed=cfg.seed, device=device)
@@ -98,11 +98,14 @@ def run_stage1(ref: ReferenceView, cfg: RunConfig, guidance=None, progress: bool
 
     def forward(step: int, step_ratio: float) -> torch.Tensor:
         schedule_position_lr(optimizer, step, s1)
-        # Known view: match the input image and its mask.
-        out = gaussians.render(ref.camera, white, backend=s1.backend)
-        guard.observe_render(step, out.image)
-        loss = s1.lambda_rgb * F.mse_loss(out.image, ref.rgb)
-        loss = loss + s1.lambda_mask * F.mse_loss(out.alpha, ref.mask)
+        # Known view: match the input image and its mask (a run without one: text to 3D).
+        if ref.has_image:
+            out = gaussians.render(ref.camera, white, backend=s1.backend)
+            guard.observe_render(step, out.image)
+            loss = s1.lambda_rgb * F.mse_loss(out.image, ref.rgb)
+            loss = loss + s1.lambda_mask * F.mse_loss(out.alpha, ref.mask)
+        else:
+            loss = torch.zeros((), device=device)
 
         # Novel views: score distillation through the (cached) guidance.
         if use_guidance:
@@ -143,6 +146,7 @@ def run_stage1(ref: ReferenceView, cfg: RunConfig, guidance=None, progress: bool
     seconds = time.perf_counter() - start
     report = {"iters": s1.iters, "seconds": round(seconds, 3), "final_loss": result.final_loss,
               "num_gaussians": gaussians.num_points, "densify": densify_counts}
-    report.update(evaluate_reference(gaussians, ref, s1.backend))
+    if ref.has_image:
+        report.update(evaluate_reference(gaussians, ref, s1.backend))
     report.update(result.guidance)
     return Stage1Result(gaussians=gaussians, report=report)

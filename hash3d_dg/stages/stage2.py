@@ -59,7 +59,7 @@ def run_stage2(mesh: Mesh, ref: ReferenceView, cfg: RunConfig, guidance=None,
     as in ``run_stage1`` (events with ``"stage": "stage2"``); the refine runs under the
     guidance's stage-2 reuse policy."""
     s2 = cfg.stage2
-    device = ref.rgb.device
+    device = ref.device
     rng = np.random.default_rng(cfg.seed + 1)
     mesh = mesh.to(device)
     raw_albedo = torch.nn.Parameter(_logit(mesh.albedo.float()))
@@ -81,13 +81,16 @@ def run_stage2(mesh: Mesh, ref: ReferenceView, cfg: RunConfig, guidance=None,
     def forward(step: int, step_ratio: float) -> torch.Tensor:
         albedo = torch.sigmoid(raw_albedo)
 
-        # Known view: MSE on pixels the mesh covers and faces the camera.
-        ssaa = float(np.clip(rng.uniform(0, 2.0), s2.ssaa_min, s2.ssaa_max))
-        rgb, alpha, viewcos = render_supersampled(mesh, ref.camera, ref.camera.width, ssaa, albedo,
-                                                  offsets, s2.backend, white)
-        guard.observe_render(step, rgb)
-        valid = ((alpha > 0) & (viewcos > 0.5)).detach().float()
-        loss = F.mse_loss(rgb * valid, ref.rgb * valid)
+        # Known view: MSE on pixels the mesh covers and faces the camera (none without an image).
+        if ref.has_image:
+            ssaa = float(np.clip(rng.uniform(0, 2.0), s2.ssaa_min, s2.ssaa_max))
+            rgb, alpha, viewcos = render_supersampled(mesh, ref.camera, ref.camera.width, ssaa, albedo,
+                                                      offsets, s2.backend, white)
+            guard.observe_render(step, rgb)
+            valid = ((alpha > 0) & (viewcos > 0.5)).detach().float()
+            loss = F.mse_loss(rgb * valid, ref.rgb * valid)
+        else:
+            loss = torch.zeros((), device=device)
 
         # Novel view: MSE toward the guidance's partially denoised version of the render.
         if use_guidance:
@@ -117,10 +120,10 @@ def run_stage2(mesh: Mesh, ref: ReferenceView, cfg: RunConfig, guidance=None,
         )
         if offsets is not None:
             refined_mesh = refined_mesh.compute_normals()
-        out = rasterize_mesh(refined_mesh, ref.camera, background=white, backend=s2.backend)
+        out = rasterize_mesh(refined_mesh, ref.camera, background=white, backend=s2.backend) if ref.has_image else None
     report = {"iters": s2.iters, "seconds": round(time.perf_counter() - start, 3),
-              "final_loss": result.final_loss,
-              "ref_psnr": round(psnr(out.rgb, ref.rgb), 3),
-              "ref_mask_iou": round(mask_iou(out.alpha, ref.mask), 4)}
+              "final_loss": result.final_loss}
+    if out is not None:
+        report.update(ref_psnr=round(psnr(out.rgb, ref.rgb), 3), ref_mask_iou=round(mask_iou(out.alpha, ref.mask), 4))
     report.update(result.guidance)
     return Stage2Result(mesh=refined_mesh, report=report)
