@@ -38,7 +38,11 @@ def config(**stage1):
               "stage1": {"iters": 40, "ref_size": 32, "num_pts": 300, "render_res": [16, 16, 16],
                          "density_start_iter": 10, "densification_interval": 10,
                          "density_end_iter": 30, "opacity_reset_interval": 20,
-                         "position_lr_max_steps": 40, "backend": "torch"}}
+                         "position_lr_max_steps": 40, "backend": "torch",
+                         # off the library defaults, so that a dropped setting shows
+                         "init_radius": 0.45, "feature_lr": 0.02, "opacity_lr": 0.04,
+                         "scaling_lr": 0.006, "rotation_lr": 0.004, "percent_dense": 0.02,
+                         "densify_grad_threshold": 0.008}}
     values["stage1"].update(stage1)
     return build_config(values)
 
@@ -232,6 +236,9 @@ def test_stage1_matches_the_reference_loop_without_guidance():
     assert [e["loss"] for e in seen] == pytest.approx(reference_stage1.losses, rel=1e-4)
     assert result.report["final_loss"] == pytest.approx(reference_stage1.losses[-1], rel=1e-4)
     assert result.report["iters"] == 40 and result.report["seconds"] > 0
+    # the report's rounding: PSNR to 3 decimals, IoU to 4
+    assert round(result.report["ref_psnr"], 3) == result.report["ref_psnr"]
+    assert round(result.report["ref_mask_iou"], 4) == result.report["ref_mask_iou"]
     assert result.report["ref_mask_iou"] == pytest.approx(reference_stage1.iou, abs=1e-3)
 
 
@@ -274,3 +281,11 @@ def test_unannealed_stage1_passes_no_step_ratio_and_zero_lambda_skips_guidance()
     fake = FakeGuidance()
     run_stage1(reference_view(cfg), cfg, fake, progress=False)
     assert fake.calls == []
+
+
+def test_stage1_shows_a_progress_bar_by_default(capsys):
+    cfg = config(iters=2)
+    run_stage1(reference_view(cfg), cfg, None)
+    assert "stage 1 (gaussians)" in capsys.readouterr().err
+    run_stage1(reference_view(cfg), cfg, None, progress=False)
+    assert "stage 1 (gaussians)" not in capsys.readouterr().err
