@@ -184,6 +184,60 @@ def run(module: str, phase: str, commit: str | None, keep: bool, max_children: i
     return record
 
 
+def rerun(module: str, work: Path, budget: float) -> dict:
+    """Re-check the survivors of a kept ``after`` run against HEAD's tests (new tests written
+    for them): HEAD's ``tests/`` replaces the scratch copy's, mutmut's coverage stats are
+    dropped (so the new tests are mapped to functions), and only the survivors run again."""
+    record_path = OUT / f"{module}_after.json"
+    record = json.loads(record_path.read_text())
+    survivors = [n for n, v in record["verdicts"].items() if v in ("survived", "no_tests", "not_checked")]
+    shutil.rmtree(work / "tests")
+    data = subprocess.run(["git", "archive", "--format=tar", "HEAD", "tests"], cwd=ROOT,
+                          check=True, capture_output=True).stdout
+    with tempfile.TemporaryFile() as fh:
+        fh.write(data)
+        fh.seek(0)
+        with tarfile.open(fileobj=fh) as tar:
+            tar.extractall(work, filter="data")
+    text = (work / "pyproject.toml").read_text()
+    tests = [t for t in MODULES[module]["after"] if (work / t.split("::")[0]).exists()]
+    text = re.sub(r"pytest_add_cli_args_test_selection = .*\n",
+                  "pytest_add_cli_args_test_selection = [" + ", ".join(json.dumps(t) for t in tests) + "]\n",
+                  text)
+    (work / "pyproject.toml").write_text(text)
+    stats = work / "mutants" / "mutmut-stats.json"
+    if stats.exists():
+        stats.unlink()
+    mutmut = shutil.which("mutmut") or "mutmut"
+    cmd = ["nice", "-n", "10", mutmut, "run", "--max-children", "1", *survivors]
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    start = time.time()
+    with open(work / "mutmut_rerun.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=budget)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 15)
+            proc.wait()
+    codes = _meta_results(work)
+    before = dict(record["verdicts"])
+    record["verdicts"] = {name: _status(code) for name, code in sorted(codes.items())}
+    record["counts"] = {}
+    for v in record["verdicts"].values():
+        record["counts"][v] = record["counts"].get(v, 0) + 1
+    record["rerun"] = {"commit": _rev("HEAD"), "tests": tests, "mutants": len(survivors),
+                       "seconds": round(time.time() - start, 1),
+                       "killed_now": sorted(n for n in survivors
+                                            if record["verdicts"].get(n) == "killed"
+                                            and before.get(n) != "killed")}
+    record["tests"] = tests
+    record_path.write_text(json.dumps(record, indent=1) + "\n")
+    print(json.dumps({"module": module, "counts": record["counts"],
+                      "killed_now": len(record["rerun"]["killed_now"])}))
+    return record
+
+
 def _rev(commit: str) -> str:
     return subprocess.run(["git", "rev-parse", "--short", commit], cwd=ROOT, check=True,
                           capture_output=True, text=True).stdout.strip()
@@ -236,10 +290,16 @@ def main(argv=None) -> int:
     r.add_argument("--max-children", type=int, default=1)
     r.add_argument("--budget", type=float, default=1800.0,
                    help="seconds for the module's run; mutants not reached count as not checked")
+    rr = sub.add_parser("rerun")
+    rr.add_argument("module", choices=sorted(MODULES))
+    rr.add_argument("--dir", required=True, help="the kept scratch copy of the after run")
+    rr.add_argument("--budget", type=float, default=1800.0)
     sub.add_parser("summary")
     args = ap.parse_args(argv)
     if args.cmd == "run":
         run(args.module, args.phase, args.commit, args.keep, args.max_children, args.budget)
+    elif args.cmd == "rerun":
+        rerun(args.module, Path(args.dir), args.budget)
     else:
         summary()
     return 0
