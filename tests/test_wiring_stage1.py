@@ -17,6 +17,7 @@ depend on how the loop builds or stores its optimizer.
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -137,9 +138,19 @@ class FakeGuidance:
         def __init__(self):
             self.stats = FakeGuidance._Stats()
 
-    def __init__(self, colour=(0.2, 0.5, 0.8)):
+    class _CacheStats:
+        attempts = hits = misses = inserts = evictions = 0
+        entries, bytes, hits_by_grid = 5, 1000, [0]
+
+    class _Cache:
+        def __init__(self):
+            self.stats = FakeGuidance._CacheStats()
+
+    def __init__(self, colour=(0.2, 0.5, 0.8), cache=False):
         self.colour = torch.tensor(colour)[None, :, None, None]
         self.denoiser = self._Denoiser()
+        if cache:  # a cache that already holds entries (from an earlier stage or run)
+            self.denoiser.cache = self._Cache()
         self.calls = []
 
     @property
@@ -196,7 +207,7 @@ def reference_stage1(ref: ReferenceView, cfg, guidance=None):
             loss = loss + cfg.guidance.lambda_zero123 * guidance.sds(
                 torch.stack(images), vers, hors, [0.0] * len(vers),
                 step_ratio=ratio if s1.anneal_timestep else None)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -243,7 +254,7 @@ def test_stage1_matches_the_reference_loop_without_guidance():
 
 
 def test_stage1_matches_the_reference_loop_with_guidance():
-    cfg = build_config({"seed": SEED, "device": "cpu",
+    cfg = build_config({"seed": SEED, "device": "cpu", "radius": 2.3, "fovy": 40.0,
                         "guidance": {"lambda_zero123": 0.5},
                         "stage1": {"iters": 20, "ref_size": 24, "num_pts": 200, "batch_size": 2,
                                    "render_res": [8, 12, 16], "render_res_milestones": [0.3, 0.6],
@@ -274,18 +285,66 @@ def test_stage1_matches_the_reference_loop_with_guidance():
 def test_unannealed_stage1_passes_no_step_ratio_and_zero_lambda_skips_guidance():
     cfg = config(iters=3, anneal_timestep=False)
     cfg.guidance.lambda_zero123 = 1.0
-    fake = FakeGuidance()
-    run_stage1(reference_view(cfg), cfg, fake, progress=False)
+    fake = FakeGuidance(cache=True)
+    report = run_stage1(reference_view(cfg), cfg, fake, progress=False).report
     assert [c["step_ratio"] for c in fake.calls] == [None, None, None]
+    assert report["cache"]["entries"] == 5  # the guidance's cache is reported
     cfg.guidance.lambda_zero123 = 0.0
+    fake = FakeGuidance(cache=True)
+    report = run_stage1(reference_view(cfg), cfg, fake, progress=False).report
+    assert fake.calls == []
+    assert report["cache"]["entries"] == 0 and report["cache"]["bytes"] == 0  # unused: not reported
+
+
+def test_a_single_iteration_reaches_the_end_of_the_schedule():
+    cfg = config(iters=1)
+    cfg.guidance.lambda_zero123 = 1.0
     fake = FakeGuidance()
     run_stage1(reference_view(cfg), cfg, fake, progress=False)
-    assert fake.calls == []
+    assert [c["step_ratio"] for c in fake.calls] == [1.0]
+
+
+def test_no_iterations_report_a_nan_loss_and_a_real_duration():
+    import time
+
+    cfg = config(iters=0)
+    start = time.perf_counter()
+    report = run_stage1(reference_view(cfg), cfg, None, progress=False).report
+    took = time.perf_counter() - start
+    assert math.isnan(report["final_loss"])
+    assert 0 <= report["seconds"] <= took + 1e-3
+
+
+def test_final_clean_up_prunes_transparent_and_oversized_gaussians():
+    """DreamGaussian's last prune: opacity < 0.01 or largest scale > 0.1 world units."""
+    cfg = config(iters=2, density_start_iter=1000)
+    model = GaussianModel.random_init(200, 0.45, seed=1)
+    with torch.no_grad():
+        model.params["scales"][:] = math.log(0.03)
+        model.params["scales"][:7] = math.log(0.25)           # far above 0.1, below 0.4
+        model.params["opacities"][7:18] = math.log(0.004 / 0.996)  # far below 0.01
+    result = run_stage1(reference_view(cfg), cfg, None, progress=False, gaussians=model)
+    assert result.report["densify"] == {"cloned": 0, "split": 0, "pruned": 18}
+    assert result.gaussians.num_points == 182
+
+
+def test_progress_reports_follow_the_check_interval(monkeypatch):
+    """On an accelerator the loss is read every ``check_interval`` steps and at the last one."""
+    import hash3d_dg.stages as stages_pkg
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith(stages_pkg.__name__) and hasattr(module, "check_interval"):
+            monkeypatch.setattr(module, "check_interval", lambda device: 4)
+    cfg = config(iters=10)
+    seen = []
+    run_stage1(reference_view(cfg), cfg, None, progress=False, progress_callback=seen.append)
+    assert [e["step"] for e in seen] == [4, 8, 10]
 
 
 def test_stage1_shows_a_progress_bar_by_default(capsys):
     cfg = config(iters=2)
     run_stage1(reference_view(cfg), cfg, None)
-    assert "stage 1 (gaussians)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "stage 1 (gaussians)" in err and "loss=" in err and "pts=300" in err
     run_stage1(reference_view(cfg), cfg, None, progress=False)
     assert "stage 1 (gaussians)" not in capsys.readouterr().err

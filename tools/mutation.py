@@ -249,7 +249,9 @@ def _rate(verdicts: dict[str, str]) -> dict:
     survived = [n for n, v in verdicts.items() if v == "survived" and n not in EQUIVALENT]
     no_tests = [n for n, v in verdicts.items() if v == "no_tests"]
     considered = killed + len(survived) + len(no_tests)
+    not_checked = sum(1 for v in verdicts.values() if v == "not_checked")
     return {"mutants": len(verdicts), "killed": killed, "survived": len(survived),
+            "not_checked": not_checked,
             "no_tests": len(no_tests), "equivalent": len(equivalent),
             "kill_rate_non_equivalent": round(killed / considered, 4) if considered else None,
             "survivors": survived, "untested": no_tests, "equivalent_mutants": equivalent}
@@ -268,6 +270,24 @@ def summary() -> dict:
            "kill_rate": "killed (incl. timeouts) / (killed + surviving non-equivalent + untested)",
            "equivalent": EQUIVALENT, "modules": modules}
     (RESULTS / "mutation.json").write_text(json.dumps(out, indent=1) + "\n")
+    rows = ["| module | files | before (killed / non-equivalent) | after | after: surviving | equivalent |",
+            "|---|---|---|---|---|---|"]
+    for name, entry in modules.items():
+        cells = [name, ", ".join(f.split("/")[-1] for f in entry["files"])]
+        for phase in ("before", "after"):
+            e = entry.get(phase)
+            if e is None:
+                cells.append("-")
+                continue
+            total = e["killed"] + e["survived"] + e["no_tests"]
+            note = f" ({e['not_checked']} not reached)" if e.get("not_checked") else ""
+            cells.append(f"{e['killed']} / {total} = {100 * e['kill_rate_non_equivalent']:.1f} %{note}"
+                         if total else "-")
+        after = entry.get("after", {})
+        cells.append(str(after.get("survived", "-")))
+        cells.append(str(after.get("equivalent", "-")))
+        rows.append("| " + " | ".join(cells) + " |")
+    (RESULTS / "mutation_table.md").write_text("\n".join(rows) + "\n")
     for name, entry in modules.items():
         line = [name]
         for phase in ("before", "after"):
