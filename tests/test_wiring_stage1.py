@@ -304,7 +304,7 @@ def test_a_single_iteration_reaches_the_end_of_the_schedule():
     assert [c["step_ratio"] for c in fake.calls] == [1.0]
 
 
-def test_no_iterations_report_a_nan_loss_and_a_real_duration():
+def test_no_iterations_report_a_nan_loss_and_a_real_duration(monkeypatch):
     import time
 
     cfg = config(iters=0)
@@ -313,6 +313,28 @@ def test_no_iterations_report_a_nan_loss_and_a_real_duration():
     took = time.perf_counter() - start
     assert math.isnan(report["final_loss"])
     assert 0 <= report["seconds"] <= took + 1e-3
+    # a clock that advances 12.3456 ms per reading: the duration is a multiple, in ms to 3 places
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(time, "perf_counter", lambda: 100.0 + 0.0123456 * next(ticks))
+    seconds = run_stage1(reference_view(cfg), cfg, None, progress=False).report["seconds"]
+    assert isinstance(seconds, float) and seconds > 0
+    assert seconds == round(seconds, 3)
+    assert any(abs(seconds - round(0.0123456 * n, 3)) < 1e-12 for n in range(1, 50))
+
+
+def test_every_render_uses_the_configured_backend(monkeypatch):
+    backends = []
+    real = GaussianModel.render
+
+    def render(self, camera, background, backend="auto", **kw):
+        backends.append(backend)
+        return real(self, camera, background, backend=backend, **kw)
+
+    monkeypatch.setattr(GaussianModel, "render", render)
+    cfg = config(iters=2)
+    cfg.guidance.lambda_zero123 = 1.0
+    run_stage1(reference_view(cfg), cfg, FakeGuidance(), progress=False)
+    assert len(backends) == 2 * 2 + 1 and set(backends) == {"torch"}  # ref + novel, then the report
 
 
 def test_final_clean_up_prunes_transparent_and_oversized_gaussians():
