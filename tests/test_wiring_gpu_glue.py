@@ -294,6 +294,7 @@ def fake_inria(outputs: int, antialiasing_field: bool, record: list):
                            "rotations": rotations, "scales": scales, "shs": shs,
                            "cov3D_precomp": cov3D_precomp})
             assert shs is None and cov3D_precomp is None and colors_precomp is not None
+            assert means2D.shape == means3D.shape  # 3DGS: screen-space points [N, 3]
             W, H = s.image_width, s.image_height
             n = means3D.shape[0]
             hom = torch.cat([means3D, torch.ones(n, 1)], -1)

@@ -107,6 +107,32 @@ EQUIVALENT: dict[str, str] = {
     **{_S1 + n: "the stage's Densifier has min_opacity = 0.01 (the default), which prune() "
                 "uses when none is passed" for n in ("292", "296")},
 }
+_G = "hash3d_dg.gaussians.rasterize_cuda.x_rasterize_gsplat__mutmut_"
+_I = "hash3d_dg.gaussians.rasterize_cuda.x_rasterize_inria__mutmut_"
+_IP = "hash3d_dg.gaussians.rasterize_cuda.x__inria_projection_matrix__mutmut_"
+_IM = "hash3d_dg.gaussians.rasterize_cuda.x_inria_matrices__mutmut_"
+_N = "hash3d_dg.mesh.rasterize_nvdiffrast.x_rasterize_nvdiffrast__mutmut_"
+_DIM = "dim=+1 is dim=-1 on a 2-D tensor"
+EQUIVALENT.update({
+    **{_G + n: _DIM for n in ("56", "72")},
+    **{_I + n: _DIM for n in ("132", "141", "190")},
+    _N + "27": _DIM,
+    _G + "2": "the far plane 1e10 + 1 instead of 1e10 culls nothing more in any scene",
+    _G + "55": "gsplat's radii are >= 2 after its 0.3 dilation (3.33 sqrt(0.3) > 1), so > 1 is > 0",
+    _G + "155": "rgbd has 4 channels: 3:5 is 3:4",
+    _N + "74": "clip has 4 columns: 3:5 is 3:4",
+    _I + "107": "delta is zero and only means2d's own gradient is read: + and - delta agree",
+    **{_I + n: "the 3DGS rasterizer takes float32 only: means2d's dtype is the default float32"
+       for n in ("110", "113")},
+    **{_I + n: "GaussianRasterizer.forward's shs and cov3D_precomp default to None"
+       for n in ("160", "164")},
+    _I + "265": "the 3DGS rasterizer returns int32 radii already",
+    **{_IP + n: "the device default is never used (the only caller passes one)" for n in ("1", "2")},
+    **{_IP + n: _CPU_DEVICE for n in ("7", "11")},
+    **{_IM + n: _CPU_DEVICE for n in ("21", "26")},
+    **{_I + n: _CPU_DEVICE for n in ("16", "56", "58", "59", "61", "111", "114", "196", "198")},
+    **{_N + n: _CPU_DEVICE for n in ("14", "16")},
+})
 
 
 def _export(commit: str, dest: Path) -> None:
