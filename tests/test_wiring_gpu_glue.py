@@ -499,7 +499,7 @@ def fake_nvdiffrast(record: list):
         attr, rast, tri = _plain(attr), _plain(rast), _plain(tri)
         record.append(("interpolate", attr.shape[-1], diff_attrs))
         assert tri.dtype == torch.int32 and rast.shape[-1] == 4 and attr.ndim == 3
-        if diff_attrs is not None:  # uv derivatives need the rasteriser's screen derivatives
+        if diff_attrs is not None or rast_db is not None:  # uv derivatives: both or neither
             assert diff_attrs == "all" and rast_db is not None and rast_db.shape == rast.shape
         tid = rast[0, ..., 3].long() - 1
         covered = tid >= 0
@@ -662,9 +662,10 @@ def test_cuda_means2d_gradient_has_the_torch_backends_scale(backend):
 
 def edge_scene(dtype=torch.float32):
     """Orbit camera at (0, 0, 2) looking at the origin: Gaussians at camera depths 0.05
-    (inside a 0.1 near plane), 0.5, 2, 60 (beyond a 50 far plane) and 3 behind the camera."""
+    (inside a 0.1 near plane), 0.5, 2, 60 (beyond a 50 far plane), 100.5 (beyond 100) and 3
+    behind the camera."""
     means = torch.tensor([[0.0, 0.0, 1.95], [0.05, 0.0, 1.5], [0.1, -0.1, 0.0], [0.0, 0.0, -58.0],
-                          [0.0, 0.0, 5.0], [-0.2, 0.1, 0.2]], dtype=dtype)
+                          [0.0, 0.0, 5.0], [-0.2, 0.1, 0.2], [0.0, 0.0, -98.5]], dtype=dtype)
     n = means.shape[0]
     quats = torch.tensor([[1.0, 0, 0, 0]], dtype=dtype).repeat(n, 1)
     scales = torch.full((n, 3), 0.05, dtype=dtype)
@@ -800,7 +801,7 @@ def test_nvdiffrast_rasterize_outputs_directly(nvdiffrast_fake, monkeypatch):
 def test_nvdiffrast_wrapper_guards(nvdiffrast_fake, monkeypatch):
     from hash3d_dg.mesh import rasterize_nvdiffrast as mod
 
-    with pytest.raises(ValueError, match="the nvdiffrast backend needs CUDA tensors"):
+    with pytest.raises(ValueError, match="^the nvdiffrast backend needs CUDA tensors$"):
         mod.rasterize_nvdiffrast(torch.zeros(3, 3), torch.tensor([[0, 1, 2]]), torch.eye(4), 4, 4)
     assert mod.nvdiffrast_available() is True
     monkeypatch.setitem(sys.modules, "nvdiffrast.torch", None)  # import fails
