@@ -267,6 +267,7 @@ def test_stage1_matches_the_reference_loop_with_guidance():
     twin = FakeGuidance()
     model, counts, psnr = reference_stage1(ref, cfg, twin)
     _same_run(result, model, counts, psnr)
+    assert round(result.report["ref_psnr"], 3) == result.report["ref_psnr"]
     assert len(fake.calls) == 20
     for a, b in zip(fake.calls, twin.calls):
         assert a["shape"] == b["shape"] and a["step_ratio"] == pytest.approx(b["step_ratio"])
@@ -367,6 +368,7 @@ def test_stage1_shows_a_progress_bar_by_default(capsys):
     cfg = config(iters=2)
     run_stage1(reference_view(cfg), cfg, None)
     err = capsys.readouterr().err
-    assert "stage 1 (gaussians)" in err and "loss=" in err and "pts=300" in err
+    assert err.lstrip("\r").startswith("stage 1 (gaussians): ")
+    assert "loss=" in err and "pts=300" in err
     run_stage1(reference_view(cfg), cfg, None, progress=False)
     assert "stage 1 (gaussians)" not in capsys.readouterr().err
