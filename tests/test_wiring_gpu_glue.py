@@ -97,22 +97,29 @@ def fake_gsplat(calls: list):
 
     mod = types.ModuleType("gsplat")
 
-    def fully_fused_projection(means, covars, quats, scales, viewmats, Ks, width, height,
-                               eps2d=0.3, near_plane=0.01, far_plane=1e10, packed=False,
-                               opacities=None, **kw):
+    # the keywords the wrapper must pass have no defaults here (gsplat's are not ours)
+    def fully_fused_projection(means, covars, quats, scales, viewmats, Ks, width, height, *,
+                               eps2d, near_plane, far_plane, packed, opacities, **kw):
         calls.append(("fully_fused_projection", dict(width=width, height=height, eps2d=eps2d,
                                                      near=near_plane, far=far_plane,
                                                      packed=packed, covars=covars)))
-        assert covars is None and not packed and not kw
-        assert viewmats.shape[-2:] == (4, 4) and Ks.shape[-2:] == (3, 3)
+        assert covars is None and packed is False and not kw
+        assert torch.is_tensor(opacities) and opacities.shape == means.shape[:1]
+        assert viewmats.shape == (1, 4, 4) and Ks.shape == (1, 3, 3)
         cov, _ = ref._quat_scale_to_covar_preci(quats, scales, compute_preci=False, triu=False)
-        return ref._fully_fused_projection(means, cov, viewmats, Ks, width, height, eps2d=eps2d,
-                                           near_plane=near_plane, far_plane=far_plane)
+        radii, m2d, depths, conics, comp = ref._fully_fused_projection(
+            means, cov, viewmats, Ks, width, height, eps2d=eps2d, near_plane=near_plane,
+            far_plane=far_plane)
+        # gsplat leaves the means2d of the Gaussians it culls uninitialised
+        culled = ~(radii > 0).all(dim=-1)
+        m2d = torch.where(culled[..., None], torch.full_like(m2d, 1e30), m2d)
+        return radii, m2d, depths, conics, comp
 
-    def isect_tiles(means2d, radii, depths, tile_size, tile_width, tile_height, packed=False, **kw):
+    def isect_tiles(means2d, radii, depths, tile_size, tile_width, tile_height, *, packed, **kw):
         calls.append(("isect_tiles", dict(tile_size=tile_size, tile_width=tile_width,
                                           tile_height=tile_height)))
-        assert not packed and not kw
+        assert packed is False and not kw
+        assert means2d.shape[0] == radii.shape[0] == depths.shape[0] == 1
         return ref._isect_tiles(means2d, radii, depths, tile_size, tile_width, tile_height)
 
     def isect_offset_encode(isect_ids, n_images, tile_width, tile_height):
@@ -124,7 +131,9 @@ def fake_gsplat(calls: list):
                             isect_offsets, flatten_ids, backgrounds=None, **kw):
         calls.append(("rasterize_to_pixels", dict(width=width, height=height,
                                                   tile_size=tile_size)))
-        assert not kw
+        assert not kw and isect_offsets.ndim == 3 and isect_offsets.shape[0] == 1
+        assert backgrounds is not None and backgrounds.dtype == colors.dtype
+        assert backgrounds.shape == (1, colors.shape[-1])
         return _gsplat_composite_tiles(means2d, conics, colors, opacities, width, height,
                                        tile_size, isect_offsets, flatten_ids, backgrounds)
 
@@ -199,6 +208,7 @@ def test_gsplat_wrapper_against_gsplat_reference_and_brute_force(monkeypatch, si
     weights = torch.linspace(0.2, 1.0, 3)
     (out.image * weights).sum().backward()
 
+    assert out.backend == "gsplat"
     names = [c[0] for c in calls]
     assert names == ["fully_fused_projection", "isect_tiles", "isect_offset_encode",
                      "rasterize_to_pixels"]
@@ -284,6 +294,7 @@ def fake_inria(outputs: int, antialiasing_field: bool, record: list):
                            "rotations": rotations, "scales": scales, "shs": shs,
                            "cov3D_precomp": cov3D_precomp})
             assert shs is None and cov3D_precomp is None and colors_precomp is not None
+            assert means2D.shape == means3D.shape  # 3DGS: screen-space points [N, 3]
             W, H = s.image_width, s.image_height
             n = means3D.shape[0]
             hom = torch.cat([means3D, torch.ones(n, 1)], -1)
@@ -448,6 +459,7 @@ def fake_nvdiffrast(record: list):
             record.append(("context", device))
 
     def rasterize(ctx, pos, tri, resolution, grad_db=False):
+        assert isinstance(ctx, RasterizeCudaContext)
         pos, tri = _plain(pos), _plain(tri)
         assert pos.ndim == 3 and pos.shape[0] == 1 and pos.shape[-1] == 4
         assert tri.dtype == torch.int32 and pos.dtype == torch.float32
@@ -486,6 +498,9 @@ def fake_nvdiffrast(record: list):
     def interpolate(attr, rast, tri, rast_db=None, diff_attrs=None):
         attr, rast, tri = _plain(attr), _plain(rast), _plain(tri)
         record.append(("interpolate", attr.shape[-1], diff_attrs))
+        assert tri.dtype == torch.int32 and rast.shape[-1] == 4 and attr.ndim == 3
+        if diff_attrs is not None or rast_db is not None:  # uv derivatives: both or neither
+            assert diff_attrs == "all" and rast_db is not None and rast_db.shape == rast.shape
         tid = rast[0, ..., 3].long() - 1
         covered = tid >= 0
         corners = attr[0][tri.long()[tid.clamp(min=0)]]  # [H, W, 3, C]
@@ -497,6 +512,9 @@ def fake_nvdiffrast(record: list):
     def texture(tex, uv, uv_da=None, filter_mode="auto", boundary_mode="wrap"):
         record.append(("texture", filter_mode, boundary_mode))
         tex, uv = _plain(tex), _plain(uv)
+        if "mipmap" in filter_mode:  # a mip level needs the uv derivatives
+            assert uv_da is not None and uv_da.shape[-1] == 4 and uv_da.shape[:-1] == uv.shape[:-1]
+        assert tex.dtype == torch.float32
         th, tw = tex.shape[1:3]
         # texel (x, y) centred at ((x + 0.5) / W, (y + 0.5) / H), row y = 0 at v = 0; clamp
         fx = (uv[..., 0] * tw - 0.5).clamp(0, tw - 1)
@@ -510,7 +528,11 @@ def fake_nvdiffrast(record: list):
 
     def antialias(color, rast, pos, tri):
         record.append(("antialias", tuple(color.shape)))
-        return _plain(color)
+        color, rast, pos, tri = _plain(color), _plain(rast), _plain(pos), _plain(tri)
+        assert color.dtype == torch.float32 and color.ndim == 4
+        assert rast.shape[:3] == color.shape[:3] and rast.shape[-1] == 4
+        assert pos.ndim == 3 and pos.shape[-1] == 4 and tri.dtype == torch.int32
+        return color
 
     dr.RasterizeCudaContext = RasterizeCudaContext
     dr.rasterize = rasterize
@@ -634,3 +656,171 @@ def test_cuda_means2d_gradient_has_the_torch_backends_scale(backend):
     slope = float((g * g_ref).sum() / (g_ref * g_ref).sum())  # least squares g ~ slope * g_ref
     assert abs(ratio - 1) < 0.05, ratio
     assert abs(slope - 1) < 0.05, slope
+
+
+# ================================================================== edges: culling, defaults, dtypes
+
+def edge_scene(dtype=torch.float32):
+    """Orbit camera at (0, 0, 2) looking at the origin: Gaussians at camera depths 0.05
+    (inside a 0.1 near plane), 0.5, 2, 60 (beyond a 50 far plane), 100.5 (beyond 100) and 3
+    behind the camera."""
+    means = torch.tensor([[0.0, 0.0, 1.95], [0.05, 0.0, 1.5], [0.1, -0.1, 0.0], [0.0, 0.0, -58.0],
+                          [0.0, 0.0, 5.0], [-0.2, 0.1, 0.2], [0.0, 0.0, -98.5]], dtype=dtype)
+    n = means.shape[0]
+    quats = torch.tensor([[1.0, 0, 0, 0]], dtype=dtype).repeat(n, 1)
+    scales = torch.full((n, 3), 0.05, dtype=dtype)
+    return means, quats, scales, torch.full((n,), 0.8, dtype=dtype), torch.rand(n, 3, dtype=dtype)
+
+
+def test_gsplat_wrapper_culling_defaults_and_dtypes(monkeypatch):
+    from hash3d_dg.gaussians.projection import project_gaussians
+    from hash3d_dg.gaussians.rasterize_cuda import rasterize_gsplat
+
+    calls = []
+    monkeypatch.setitem(sys.modules, "gsplat", fake_gsplat(calls))
+    cam = Camera.orbit(0, 0, 2.0, 20, 18)
+    sc = edge_scene()
+    vm, K = cam.viewmat(), cam.K()
+    # explicit near / far: the radii are our projection's, the culled rows' means2d are ours
+    out = rasterize_gsplat(*sc, vm, K, 20, 18, torch.ones(3, dtype=torch.float64), near=0.1, far=50.0)
+    ours = project_gaussians(*sc[:3], vm, K, 20, 18, near=0.1, far=50.0)
+    assert torch.equal(out.radii, ours.radii)
+    assert ours.radii.tolist()[0] == 0 and ours.radii.tolist()[3] == 0 and ours.radii[1] > 0
+    assert torch.isfinite(out.means2d).all()
+    culled = ~(ours.radii > 0)
+    torch.testing.assert_close(out.means2d[culled], ours.means2d[culled])
+    assert out.image.dtype == torch.float32  # a float64 background follows the features
+    # defaults: near 0.01, far 1e10, 16-pixel tiles
+    calls.clear()
+    out = rasterize_gsplat(*sc, vm, K, 20, 18, torch.ones(3))
+    assert calls[0][1]["near"] == 0.01 and calls[0][1]["far"] == 1e10
+    assert calls[1][1]["tile_size"] == 16 and calls[3][1]["tile_size"] == 16
+    assert torch.equal(out.radii, project_gaussians(*sc[:3], vm, K, 20, 18).radii)
+
+
+def test_inria_wrapper_culling_defaults(monkeypatch):
+    from hash3d_dg.gaussians.projection import project_gaussians
+    from hash3d_dg.gaussians.rasterize_cuda import rasterize_inria
+
+    monkeypatch.setitem(sys.modules, "diff_gaussian_rasterization", fake_inria(4, False, []))
+    cam = Camera.orbit(0, 0, 2.0, 20, 18)
+    sc = edge_scene()
+    vm, K = cam.viewmat(), cam.K()
+    for kwargs, near, far in (({}, 0.01, 100.0), ({"near": 0.1, "far": 50.0}, 0.1, 50.0)):
+        out = rasterize_inria(*sc, vm, K, 20, 18, torch.ones(3), **kwargs)
+        ours = project_gaussians(*sc[:3], vm, K, 20, 18, near=near, far=far)
+        torch.testing.assert_close(out.means2d, ours.means2d)
+        assert out.backend == "inria"
+
+
+def test_inria_matrices_clip_depth_is_3dgs_zero_to_one():
+    """3DGS's getProjectionMatrix: camera depth near -> clip z/w 0, far -> 1; 4x4 matrices."""
+    from hash3d_dg.gaussians.rasterize_cuda import inria_matrices
+
+    cam = Camera.orbit(15, 30, 2.0, 32, 24)
+    vm, K = cam.viewmat(dtype=torch.float64), cam.K(dtype=torch.float64)
+    view_t, full_proj, campos, tanx, tany = inria_matrices(vm, K, 32, 24, 0.2, 40.0)
+    assert view_t.shape == full_proj.shape == (4, 4) and campos.shape == (3,)
+    c2w = torch.linalg.inv(vm)
+    for depth, want in ((0.2, 0.0), (40.0, 1.0), (5.0, (40.0 / 39.8) * (1 - 0.2 / 5.0))):
+        p = c2w @ torch.tensor([0.01, -0.02, depth, 1.0], dtype=torch.float64)  # OpenCV: +z ahead
+        clip = p @ full_proj
+        assert float(clip[2] / clip[3]) == pytest.approx(want, abs=1e-9)
+        assert float(clip[3]) == pytest.approx(depth, abs=1e-9)
+    assert tanx == pytest.approx(16 / float(K[0, 0])) and tany == pytest.approx(12 / float(K[1, 1]))
+
+
+class _PlainSettings:
+    """A settings class without namedtuple's ``_fields`` (an older build of the extension)."""
+
+    FIELDS = FORK_FIELDS
+
+    def __init__(self, **kw):
+        assert set(kw) == set(self.FIELDS), sorted(set(kw) ^ set(self.FIELDS))
+        self.__dict__.update(kw)
+
+
+def test_inria_settings_are_exactly_the_forks(monkeypatch):
+    from hash3d_dg.gaussians.rasterize_cuda import rasterize_inria
+
+    record = []
+    mod = fake_inria(4, False, record)
+    mod.GaussianRasterizationSettings = _PlainSettings
+    monkeypatch.setitem(sys.modules, "diff_gaussian_rasterization", mod)
+    cam = Camera.orbit(0, 0, 2.0, 16, 16)
+    rasterize_inria(*scene(10, seed=3), cam.viewmat(), cam.K(), 16, 16, torch.ones(3))
+    s = record[0]["settings"]
+    assert s.prefiltered is False and s.debug is False and s.sh_degree == 0
+    assert s.campos.shape == (3,) and s.campos.dtype == torch.float32
+    torch.testing.assert_close(s.campos.double(), torch.as_tensor(cam.campos, dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+    assert s.viewmatrix.shape == s.projmatrix.shape == (4, 4)
+    assert s.viewmatrix.dtype == s.projmatrix.dtype == s.bg.dtype == torch.float32
+
+
+# ------------------------------------------------------------------ nvdiffrast, directly
+
+def test_nvdiffrast_rasterize_outputs_directly(nvdiffrast_fake, monkeypatch):
+    """One triangle (id 0) filling the image centre, in float64: tri id, barycentrics (first,
+    second, third vertex), zeros where empty, the caller's dtype, one context per device."""
+    from hash3d_dg.mesh.rasterize_nvdiffrast import (antialias_nvdiffrast, rasterize_nvdiffrast,
+                                                     texture_nvdiffrast)
+
+    cam = Camera.orbit(0, 0, 2.0, width=12, height=10)
+    v = torch.tensor([[-0.6, -0.5, 0.0], [0.6, -0.5, 0.0], [0.0, 0.6, 0.0]],
+                     dtype=torch.float64).as_subclass(CudaLooking)
+    f = torch.tensor([[0, 1, 2]])
+    tri_id, bary, depth, state = rasterize_nvdiffrast(v, f, cam.mvp(dtype=torch.float64), 12, 10)
+    tri_id, bary, depth = _plain(tri_id), _plain(bary), _plain(depth)
+    assert ("context", torch.device("cuda", 0)) in nvdiffrast_fake
+    assert bary.dtype == depth.dtype == torch.float64
+    hit = tri_id == 0
+    assert hit.sum() > 20 and (tri_id[~hit] == -1).all()
+    assert (bary[~hit] == 0).all() and (depth[~hit] == 0).all()
+    torch.testing.assert_close(bary[hit].sum(-1), torch.ones(int(hit.sum()), dtype=torch.float64))
+    torch.testing.assert_close(depth[hit], torch.full((int(hit.sum()),), 2.0, dtype=torch.float64),
+                               atol=1e-5, rtol=0)
+    # nvdiffrast's rows run bottom-up: the apex (third vertex, top of the image) weighs most in
+    # the last rows, the first vertex (bottom left) in the first rows' left pixels
+    rows = torch.nonzero(hit)[:, 0]
+    top, bottom = int(rows.max()), int(rows.min())
+    assert float(bary[top][hit[top]][:, 2].mean()) > float(bary[bottom][hit[bottom]][:, 2].mean())
+    left = torch.nonzero(hit[bottom])[0, 0]
+    assert float(bary[bottom, left, 0]) > float(bary[bottom, left, 1])
+    # antialias and texture keep the caller's dtype and zero empty pixels
+    colour = torch.rand(10, 12, 4, dtype=torch.float64)
+    aa = _plain(antialias_nvdiffrast(colour, state))
+    assert aa.dtype == torch.float64 and aa.shape == (10, 12, 4)
+    tex = torch.rand(4, 4, 3, dtype=torch.float64)
+    vt = torch.tensor([[0.1, 0.1], [0.9, 0.1], [0.5, 0.9]], dtype=torch.float64)
+    looked = _plain(texture_nvdiffrast(tex, vt, f, state))
+    assert looked.dtype == torch.float64 and (looked[~hit] == 0).all()
+    assert torch.isfinite(looked).all() and (looked[hit] > 0).any()
+
+
+def test_nvdiffrast_wrapper_guards(nvdiffrast_fake, monkeypatch):
+    from hash3d_dg.mesh import rasterize_nvdiffrast as mod
+
+    with pytest.raises(ValueError, match="^the nvdiffrast backend needs CUDA tensors$"):
+        mod.rasterize_nvdiffrast(torch.zeros(3, 3), torch.tensor([[0, 1, 2]]), torch.eye(4), 4, 4)
+    assert mod.nvdiffrast_available() is True
+    monkeypatch.setitem(sys.modules, "nvdiffrast.torch", None)  # import fails
+    assert mod.nvdiffrast_available() is False
+
+
+def test_nvdiffrast_context_on_the_current_device_when_unindexed(nvdiffrast_fake, monkeypatch):
+    from hash3d_dg.mesh.rasterize_nvdiffrast import rasterize_nvdiffrast
+
+    class _Unindexed(str):
+        type = "cuda"
+        index = None
+
+    class Looking(torch.Tensor):
+        @property
+        def device(self):
+            return _Unindexed("cpu")
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    v = torch.tensor([[-0.5, -0.5, 0.0], [0.5, -0.5, 0.0], [0.0, 0.5, 0.0]]).as_subclass(Looking)
+    rasterize_nvdiffrast(v, torch.tensor([[0, 1, 2]]), Camera.orbit(0, 0, 2.0, 8).mvp(), 8, 8)
+    assert ("context", torch.device("cuda", 3)) in nvdiffrast_fake

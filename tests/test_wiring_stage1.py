@@ -17,6 +17,7 @@ depend on how the loop builds or stores its optimizer.
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -38,7 +39,11 @@ def config(**stage1):
               "stage1": {"iters": 40, "ref_size": 32, "num_pts": 300, "render_res": [16, 16, 16],
                          "density_start_iter": 10, "densification_interval": 10,
                          "density_end_iter": 30, "opacity_reset_interval": 20,
-                         "position_lr_max_steps": 40, "backend": "torch"}}
+                         "position_lr_max_steps": 40, "backend": "torch",
+                         # off the library defaults, so that a dropped setting shows
+                         "init_radius": 0.45, "feature_lr": 0.02, "opacity_lr": 0.04,
+                         "scaling_lr": 0.006, "rotation_lr": 0.004, "percent_dense": 0.02,
+                         "densify_grad_threshold": 0.008}}
     values["stage1"].update(stage1)
     return build_config(values)
 
@@ -123,16 +128,17 @@ class FakeGuidance:
     """A differentiable stand-in for Zero-1-to-3: ``sds`` pulls renders toward a fixed colour
     and records what it was given. Enough of the guidance interface for the stage's meters."""
 
-    cached = False
-
-    def __init__(self, colour=(0.2, 0.5, 0.8)):
+    def __init__(self, colour=(0.2, 0.5, 0.8), cache=False):
         self.colour = torch.tensor(colour)[None, :, None, None]
+        self.entries = 5 if cache else 0  # a table that already holds entries (an earlier stage)
+        self.cached = cache
         self.calls = []
 
     def stats(self):
         return {"unet": {"full_calls": 0, "shallow_calls": 0},
                 "cache": {"attempts": 0, "hits": 0, "misses": 0, "inserts": 0, "evictions": 0,
-                          "entries": 0, "bytes": 0, "hits_by_grid": []}}
+                          "entries": self.entries, "bytes": 200 * self.entries,
+                          "hits_by_grid": [0] if self.cached else []}}
 
     def sds(self, images, d_elevation, d_azimuth, d_radius, step_ratio=None):
         self.calls.append({"shape": tuple(images.shape), "d_el": list(d_elevation),
@@ -184,7 +190,7 @@ def reference_stage1(ref: ReferenceView, cfg, guidance=None):
             loss = loss + cfg.guidance.lambda_zero123 * guidance.sds(
                 torch.stack(images), vers, hors, [0.0] * len(vers),
                 step_ratio=ratio if s1.anneal_timestep else None)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -224,11 +230,14 @@ def test_stage1_matches_the_reference_loop_without_guidance():
     assert [e["loss"] for e in seen] == pytest.approx(reference_stage1.losses, rel=1e-4)
     assert result.report["final_loss"] == pytest.approx(reference_stage1.losses[-1], rel=1e-4)
     assert result.report["iters"] == 40 and result.report["seconds"] > 0
+    # the report's rounding: PSNR to 3 decimals, IoU to 4
+    assert round(result.report["ref_psnr"], 3) == result.report["ref_psnr"]
+    assert round(result.report["ref_mask_iou"], 4) == result.report["ref_mask_iou"]
     assert result.report["ref_mask_iou"] == pytest.approx(reference_stage1.iou, abs=1e-3)
 
 
 def test_stage1_matches_the_reference_loop_with_guidance():
-    cfg = build_config({"seed": SEED, "device": "cpu",
+    cfg = build_config({"seed": SEED, "device": "cpu", "radius": 2.3, "fovy": 40.0,
                         "guidance": {"lambda_zero123": 0.5},
                         "stage1": {"iters": 20, "ref_size": 24, "num_pts": 200, "batch_size": 2,
                                    "render_res": [8, 12, 16], "render_res_milestones": [0.3, 0.6],
@@ -241,6 +250,7 @@ def test_stage1_matches_the_reference_loop_with_guidance():
     twin = FakeGuidance()
     model, counts, psnr = reference_stage1(ref, cfg, twin)
     _same_run(result, model, counts, psnr)
+    assert round(result.report["ref_psnr"], 3) == result.report["ref_psnr"]
     assert len(fake.calls) == 20
     for a, b in zip(fake.calls, twin.calls):
         assert a["shape"] == b["shape"] and a["step_ratio"] == pytest.approx(b["step_ratio"])
@@ -259,10 +269,89 @@ def test_stage1_matches_the_reference_loop_with_guidance():
 def test_unannealed_stage1_passes_no_step_ratio_and_zero_lambda_skips_guidance():
     cfg = config(iters=3, anneal_timestep=False)
     cfg.guidance.lambda_zero123 = 1.0
-    fake = FakeGuidance()
-    run_stage1(reference_view(cfg), cfg, fake, progress=False)
+    fake = FakeGuidance(cache=True)
+    report = run_stage1(reference_view(cfg), cfg, fake, progress=False).report
     assert [c["step_ratio"] for c in fake.calls] == [None, None, None]
+    assert report["cache"]["entries"] == 5  # the guidance's cache is reported
     cfg.guidance.lambda_zero123 = 0.0
+    fake = FakeGuidance(cache=True)
+    report = run_stage1(reference_view(cfg), cfg, fake, progress=False).report
+    assert fake.calls == []
+    assert report["cache"]["entries"] == 0 and report["cache"]["bytes"] == 0  # unused: not reported
+
+
+def test_a_single_iteration_reaches_the_end_of_the_schedule():
+    cfg = config(iters=1)
+    cfg.guidance.lambda_zero123 = 1.0
     fake = FakeGuidance()
     run_stage1(reference_view(cfg), cfg, fake, progress=False)
-    assert fake.calls == []
+    assert [c["step_ratio"] for c in fake.calls] == [1.0]
+
+
+def test_no_iterations_report_a_nan_loss_and_a_real_duration(monkeypatch):
+    import time
+
+    cfg = config(iters=0)
+    start = time.perf_counter()
+    report = run_stage1(reference_view(cfg), cfg, None, progress=False).report
+    took = time.perf_counter() - start
+    assert math.isnan(report["final_loss"])
+    assert 0 <= report["seconds"] <= took + 1e-3
+    # a clock that advances 12.3456 ms per reading: the duration is a multiple, in ms to 3 places
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(time, "perf_counter", lambda: 100.0 + 0.0123456 * next(ticks))
+    seconds = run_stage1(reference_view(cfg), cfg, None, progress=False).report["seconds"]
+    assert isinstance(seconds, float) and seconds > 0
+    assert seconds == round(seconds, 3)
+    assert any(abs(seconds - round(0.0123456 * n, 3)) < 1e-12 for n in range(1, 50))
+
+
+def test_every_render_uses_the_configured_backend(monkeypatch):
+    backends = []
+    real = GaussianModel.render
+
+    def render(self, camera, background, backend="auto", **kw):
+        backends.append(backend)
+        return real(self, camera, background, backend=backend, **kw)
+
+    monkeypatch.setattr(GaussianModel, "render", render)
+    cfg = config(iters=2)
+    cfg.guidance.lambda_zero123 = 1.0
+    run_stage1(reference_view(cfg), cfg, FakeGuidance(), progress=False)
+    assert len(backends) == 2 * 2 + 1 and set(backends) == {"torch"}  # ref + novel, then the report
+
+
+def test_final_clean_up_prunes_transparent_and_oversized_gaussians():
+    """DreamGaussian's last prune: opacity < 0.01 or largest scale > 0.1 world units."""
+    cfg = config(iters=2, density_start_iter=1000)
+    model = GaussianModel.random_init(200, 0.45, seed=1)
+    with torch.no_grad():
+        model.params["scales"][:] = math.log(0.03)
+        model.params["scales"][:7] = math.log(0.25)           # far above 0.1, below 0.4
+        model.params["opacities"][7:18] = math.log(0.004 / 0.996)  # far below 0.01
+    result = run_stage1(reference_view(cfg), cfg, None, progress=False, gaussians=model)
+    assert result.report["densify"] == {"cloned": 0, "split": 0, "pruned": 18}
+    assert result.gaussians.num_points == 182
+
+
+def test_progress_reports_follow_the_check_interval(monkeypatch):
+    """On an accelerator the loss is read every ``check_interval`` steps and at the last one."""
+    import hash3d_dg.stages as stages_pkg
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith(stages_pkg.__name__) and hasattr(module, "check_interval"):
+            monkeypatch.setattr(module, "check_interval", lambda device: 4)
+    cfg = config(iters=10)
+    seen = []
+    run_stage1(reference_view(cfg), cfg, None, progress=False, progress_callback=seen.append)
+    assert [e["step"] for e in seen] == [4, 8, 10]
+
+
+def test_stage1_shows_a_progress_bar_by_default(capsys):
+    cfg = config(iters=2)
+    run_stage1(reference_view(cfg), cfg, None)
+    err = capsys.readouterr().err
+    assert err.lstrip("\r").startswith("stage 1 (gaussians): ")
+    assert "loss=" in err and "pts=300" in err
+    run_stage1(reference_view(cfg), cfg, None, progress=False)
+    assert "stage 1 (gaussians)" not in capsys.readouterr().err

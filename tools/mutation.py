@@ -84,7 +84,55 @@ MODULES: dict[str, dict] = {
 }
 
 # Mutants judged equivalent (no behaviour change a test could see), by mutmut name -> reason.
-EQUIVALENT: dict[str, str] = {}
+# A reason starting with "CPU:" marks a mutant equivalent on a CPU-only machine only (a
+# device=None default is the CPU; an omitted backend resolves to "torch" there): summary counts
+# those apart, and a CUDA run of the suite is what could kill them.
+_S1 = "hash3d_dg.stages.stage1.x_run_stage1__mutmut_"
+_S1E = "hash3d_dg.stages.stage1.x_evaluate_reference__mutmut_"
+_CPU_DEVICE = "CPU: device=None is the CPU, where the tests run"
+EQUIVALENT: dict[str, str] = {
+    **{_S1E + n: _CPU_DEVICE for n in ("9", "11")},
+    **{_S1 + n: _CPU_DEVICE for n in ("12", "16", "53", "55", "93", "200", "202")},
+    **{_S1 + n: "tqdm's dynamic_ncols only follows the terminal width" for n in ("71", "75", "86")},
+    _S1 + "90": 'float("NAN") is float("nan")',
+    _S1 + "105": "min(2.0, step / iters) == min(1.0, step / iters) for step <= iters",
+    _S1 + "124": "delay_mult is unused with delay_steps = 0 (DreamGaussian's schedule)",
+    _S1 + "187": "sample_novel_view's d_radius is always 0",
+    _S1 + "191": "rng.random() < p vs <= p differ with probability 0",
+    **{_S1 + n: "every parameter gets a gradient every step, and parameters created by "
+                "densification start without one: zeroing equals setting to None"
+       for n in ("249", "250")},
+    **{_S1 + n: "step_post_backward always returns every count key" for n in ("264", "266", "267")},
+    **{_S1 + n: "the optimizer is not used after the final prune" for n in ("291", "295")},
+    **{_S1 + n: "the stage's Densifier has min_opacity = 0.01 (the default), which prune() "
+                "uses when none is passed" for n in ("292", "296")},
+}
+_G = "hash3d_dg.gaussians.rasterize_cuda.x_rasterize_gsplat__mutmut_"
+_I = "hash3d_dg.gaussians.rasterize_cuda.x_rasterize_inria__mutmut_"
+_IP = "hash3d_dg.gaussians.rasterize_cuda.x__inria_projection_matrix__mutmut_"
+_IM = "hash3d_dg.gaussians.rasterize_cuda.x_inria_matrices__mutmut_"
+_N = "hash3d_dg.mesh.rasterize_nvdiffrast.x_rasterize_nvdiffrast__mutmut_"
+_DIM = "dim=+1 is dim=-1 on a 2-D tensor"
+EQUIVALENT.update({
+    **{_G + n: _DIM for n in ("56", "72")},
+    **{_I + n: _DIM for n in ("132", "141", "190")},
+    _N + "27": _DIM,
+    _G + "2": "the far plane 1e10 + 1 instead of 1e10 culls nothing more in any scene",
+    _G + "55": "gsplat's radii are >= 2 after its 0.3 dilation (3.33 sqrt(0.3) > 1), so > 1 is > 0",
+    _G + "155": "rgbd has 4 channels: 3:5 is 3:4",
+    _N + "74": "clip has 4 columns: 3:5 is 3:4",
+    _I + "107": "delta is zero and only means2d's own gradient is read: + and - delta agree",
+    **{_I + n: "the 3DGS rasterizer takes float32 only: means2d's dtype is the default float32"
+       for n in ("110", "113")},
+    **{_I + n: "GaussianRasterizer.forward's shs and cov3D_precomp default to None"
+       for n in ("160", "164")},
+    _I + "265": "the 3DGS rasterizer returns int32 radii already",
+    **{_IP + n: "the device default is never used (the only caller passes one)" for n in ("1", "2")},
+    **{_IP + n: _CPU_DEVICE for n in ("7", "11")},
+    **{_IM + n: _CPU_DEVICE for n in ("21", "26")},
+    **{_I + n: _CPU_DEVICE for n in ("16", "56", "58", "59", "61", "111", "114", "196", "198")},
+    **{_N + n: _CPU_DEVICE for n in ("14", "16")},
+})
 
 
 def _export(commit: str, dest: Path) -> None:
@@ -184,6 +232,61 @@ def run(module: str, phase: str, commit: str | None, keep: bool, max_children: i
     return record
 
 
+def rerun(module: str, work: Path, budget: float) -> dict:
+    """Re-check the survivors of a kept ``after`` run against HEAD's tests (new tests written
+    for them): HEAD's ``tests/`` replaces the scratch copy's, mutmut's coverage stats are
+    dropped (so the new tests are mapped to functions), and only the survivors run again."""
+    record_path = OUT / f"{module}_after.json"
+    record = json.loads(record_path.read_text())
+    survivors = [n for n, v in record["verdicts"].items()
+                 if v in ("survived", "no_tests", "not_checked") and n not in EQUIVALENT]
+    shutil.rmtree(work / "tests")
+    data = subprocess.run(["git", "archive", "--format=tar", "HEAD", "tests"], cwd=ROOT,
+                          check=True, capture_output=True).stdout
+    with tempfile.TemporaryFile() as fh:
+        fh.write(data)
+        fh.seek(0)
+        with tarfile.open(fileobj=fh) as tar:
+            tar.extractall(work, filter="data")
+    text = (work / "pyproject.toml").read_text()
+    tests = [t for t in MODULES[module]["after"] if (work / t.split("::")[0]).exists()]
+    text = re.sub(r"pytest_add_cli_args_test_selection = .*\n",
+                  "pytest_add_cli_args_test_selection = [" + ", ".join(json.dumps(t) for t in tests) + "]\n",
+                  text)
+    (work / "pyproject.toml").write_text(text)
+    stats = work / "mutants" / "mutmut-stats.json"
+    if stats.exists():
+        stats.unlink()
+    mutmut = shutil.which("mutmut") or "mutmut"
+    cmd = ["nice", "-n", "10", mutmut, "run", "--max-children", "1", *survivors]
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    start = time.time()
+    with open(work / "mutmut_rerun.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=budget)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 15)
+            proc.wait()
+    codes = _meta_results(work)
+    before = dict(record["verdicts"])
+    record["verdicts"] = {name: _status(code) for name, code in sorted(codes.items())}
+    record["counts"] = {}
+    for v in record["verdicts"].values():
+        record["counts"][v] = record["counts"].get(v, 0) + 1
+    record["rerun"] = {"commit": _rev("HEAD"), "tests": tests, "mutants": len(survivors),
+                       "seconds": round(time.time() - start, 1),
+                       "killed_now": sorted(n for n in survivors
+                                            if record["verdicts"].get(n) == "killed"
+                                            and before.get(n) != "killed")}
+    record["tests"] = tests
+    record_path.write_text(json.dumps(record, indent=1) + "\n")
+    print(json.dumps({"module": module, "counts": record["counts"],
+                      "killed_now": len(record["rerun"]["killed_now"])}))
+    return record
+
+
 def _rev(commit: str) -> str:
     return subprocess.run(["git", "rev-parse", "--short", commit], cwd=ROOT, check=True,
                           capture_output=True, text=True).stdout.strip()
@@ -195,7 +298,10 @@ def _rate(verdicts: dict[str, str]) -> dict:
     survived = [n for n, v in verdicts.items() if v == "survived" and n not in EQUIVALENT]
     no_tests = [n for n, v in verdicts.items() if v == "no_tests"]
     considered = killed + len(survived) + len(no_tests)
+    not_checked = sum(1 for v in verdicts.values() if v == "not_checked")
+    cpu_only = [n for n in equivalent if EQUIVALENT[n].startswith("CPU:")]
     return {"mutants": len(verdicts), "killed": killed, "survived": len(survived),
+            "not_checked": not_checked, "equivalent_on_cpu_only": len(cpu_only),
             "no_tests": len(no_tests), "equivalent": len(equivalent),
             "kill_rate_non_equivalent": round(killed / considered, 4) if considered else None,
             "survivors": survived, "untested": no_tests, "equivalent_mutants": equivalent}
@@ -214,6 +320,24 @@ def summary() -> dict:
            "kill_rate": "killed (incl. timeouts) / (killed + surviving non-equivalent + untested)",
            "equivalent": EQUIVALENT, "modules": modules}
     (RESULTS / "mutation.json").write_text(json.dumps(out, indent=1) + "\n")
+    rows = ["| module | files | before (killed / non-equivalent) | after | after: surviving | equivalent |",
+            "|---|---|---|---|---|---|"]
+    for name, entry in modules.items():
+        cells = [name, ", ".join(f.split("/")[-1] for f in entry["files"])]
+        for phase in ("before", "after"):
+            e = entry.get(phase)
+            if e is None:
+                cells.append("-")
+                continue
+            total = e["killed"] + e["survived"] + e["no_tests"]
+            note = f" ({e['not_checked']} not reached)" if e.get("not_checked") else ""
+            cells.append(f"{e['killed']} / {total} = {100 * e['kill_rate_non_equivalent']:.1f} %{note}"
+                         if total else "-")
+        after = entry.get("after", {})
+        cells.append(str(after.get("survived", "-")))
+        cells.append(str(after.get("equivalent", "-")))
+        rows.append("| " + " | ".join(cells) + " |")
+    (RESULTS / "mutation_table.md").write_text("\n".join(rows) + "\n")
     for name, entry in modules.items():
         line = [name]
         for phase in ("before", "after"):
@@ -236,10 +360,16 @@ def main(argv=None) -> int:
     r.add_argument("--max-children", type=int, default=1)
     r.add_argument("--budget", type=float, default=1800.0,
                    help="seconds for the module's run; mutants not reached count as not checked")
+    rr = sub.add_parser("rerun")
+    rr.add_argument("module", choices=sorted(MODULES))
+    rr.add_argument("--dir", required=True, help="the kept scratch copy of the after run")
+    rr.add_argument("--budget", type=float, default=1800.0)
     sub.add_parser("summary")
     args = ap.parse_args(argv)
     if args.cmd == "run":
         run(args.module, args.phase, args.commit, args.keep, args.max_children, args.budget)
+    elif args.cmd == "rerun":
+        rerun(args.module, Path(args.dir), args.budget)
     else:
         summary()
     return 0
