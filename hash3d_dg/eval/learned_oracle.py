@@ -184,14 +184,15 @@ LEARNED_SWEEP: tuple[tuple[str, dict], ...] = (
 )
 
 
-def learned_sweep() -> list[tuple[str, dict, Any, int]]:
+def learned_sweep(policies: int | None = None) -> list[tuple[str, dict, Any, int]]:
     """``(label, meta, Hash3DConfig, seed offset)`` rows: the presets paper / official / fast and
-    the ``LEARNED_SWEEP`` variants of fast (``off`` is added by the caller)."""
+    the first ``policies`` (default all) ``LEARNED_SWEEP`` variants of fast (``off`` is added by
+    the caller)."""
     from hash3d_dg.cache import Hash3DConfig
 
     rows = [(mode, {"group": "preset", "mode": mode}, Hash3DConfig.preset(mode), 0)
             for mode in ("paper", "official", "fast")]
-    for label, overrides in LEARNED_SWEEP:
+    for label, overrides in LEARNED_SWEEP[:policies]:
         rows.append((label, {"group": "policy", **{k: v for k, v in overrides.items()}},
                      Hash3DConfig.preset("fast", **overrides), 0))
     return rows

@@ -72,7 +72,7 @@ SWEEP: tuple[tuple[str, float, int, float | None, float | None], ...] = (
 )
 
 
-def sweep_settings(sweep: str = "default") -> list[tuple[str, dict, Hash3DConfig, int]]:
+def sweep_settings(sweep: str = "default", policies: int | None = None) -> list[tuple[str, dict, Hash3DConfig, int]]:
     """``(label, {group, ...}, Hash3DConfig, seed offset)`` of every run of the sweep: ``off``,
     the ``SWEEP`` settings, then ``off`` at the ``NOISE_SEEDS`` offsets (the seed-to-seed spread).
     ``sweep="learned"``: the presets and the policies of ``learned_oracle.LEARNED_SWEEP`` instead
@@ -81,7 +81,7 @@ def sweep_settings(sweep: str = "default") -> list[tuple[str, dict, Hash3DConfig
     if sweep == "learned":
         from hash3d_dg.eval.learned_oracle import learned_sweep
 
-        rows.extend(learned_sweep())
+        rows.extend(learned_sweep(policies))
         for s in NOISE_SEEDS[:1]:
             rows.append((f"off seed +{s}", {"group": "off-seed"}, Hash3DConfig.preset("off"), s))
         return rows
@@ -121,7 +121,7 @@ def _row(label: str, meta: dict, result: dict) -> dict:
 
 def pareto_report(size: str = "tiny", iters: int = 500, iters_refine: int = 50, seed: int = 0,
                   jobs: int = 1, plot: str | None = None, partial: str | None = None,
-                  judge: str = "analytic", sweep: str = "default") -> dict:
+                  judge: str = "analytic", sweep: str = "default", policies: int | None = None) -> dict:
     """Run the sweep; see the module docstring. ``plot``: write the Pareto chart there (PNG);
     ``partial``: append each finished run there as one JSON line (long sweeps on a busy machine)."""
     import json
@@ -129,7 +129,7 @@ def pareto_report(size: str = "tiny", iters: int = 500, iters_refine: int = 50, 
 
     log = logging.getLogger(__name__)
     settings = resolve_settings(size, judge=judge)
-    runs = sweep_settings(sweep)
+    runs = sweep_settings(sweep, policies)
     work = [(h, settings, iters, iters_refine, seed + offset) for _, _, h, offset in runs]
     start = time.perf_counter()
     results: list[dict | None] = [None] * len(work)
@@ -237,9 +237,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep", default="default", choices=["default", "learned"],
                    help="default: the eta / fall-back / gate / grid sweep; learned: the presets and "
                         "the cache-point / stage-2 / blending policies (learned_oracle.LEARNED_SWEEP)")
+    p.add_argument("--policies", type=int, default=None,
+                   help="with --sweep learned: run only the first N policies (default all)")
 
 
 def run_from_args(args) -> dict:
     torch.set_num_threads(1)
     return pareto_report(args.size, args.iters, args.iters_refine, args.seed, args.jobs,
-                         args.plot, args.partial, judge=args.judge, sweep=args.sweep)
+                         args.plot, args.partial, judge=args.judge, sweep=args.sweep,
+                         policies=args.policies)
