@@ -160,3 +160,20 @@ def test_read_prompts_keeps_order_and_strips_bom(tmp_path):
     path = tmp_path / "p.txt"
     path.write_bytes("\ufeffone\r\ntwo\n".encode("utf-8"))
     assert [p.text for p in read_prompts(path)] == ["one", "two"]
+
+
+def test_prompt_stage_2_reuses_its_stage_1_result(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HASH3D_DG_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "logs"
+    base = ["--prompt", PROMPT, "--config", TEXT_SMOKE, "--output", str(out), "--quiet"] + FAST
+    code, _, err = _run(base + ["--stage", "2"], capsys)
+    assert code == 2 and "no stage-1 result" in _one_error_line(err)
+    code, _, err = _run(base + ["--stage", "1"], capsys)
+    assert code == 0, err
+    ply = (out / SLUG / f"{SLUG}_gaussians.ply").read_bytes()
+    code, _, err = _run(base + ["--stage", "2"], capsys)
+    assert code == 0, err
+    folder = out / SLUG
+    assert (folder / f"{SLUG}.glb").is_file() and (folder / f"{SLUG}_gaussians.ply").read_bytes() == ply
+    report = json.loads((folder / f"{SLUG}_report.json").read_text())
+    assert report["stage"] == "2" and "stage1" not in report and report["stage2"]["iters"] == 1
