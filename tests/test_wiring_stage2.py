@@ -168,7 +168,11 @@ def _mesh():
     albedo = torch.rand(16, 16, 3, generator=torch.Generator().manual_seed(2))
     albedo[0, :4] = 0.0
     albedo[-1, -4:] = 1.0
-    return Mesh(v, f, None, vt, f.clone(), albedo).compute_normals()
+    mesh = Mesh(v, f, None, vt, f.clone(), albedo).compute_normals()
+    # stored normals that are not the recomputed ones (as a loaded mesh may have): the texture
+    # pass must keep them, and only a geometry pass may recompute them
+    tilt = torch.nn.functional.normalize(mesh.vn + 0.2 * torch.tensor([0.3, -0.2, 0.1]), dim=-1)
+    return Mesh(v, f, tilt, vt, f.clone(), albedo)
 
 
 def test_stage2_matches_the_reference_loop_with_guidance(monkeypatch):
@@ -266,3 +270,13 @@ def test_stage2_progress_bar_and_check_interval(capsys, monkeypatch):
     seen = []
     run_stage2(_mesh(), reference_view(cfg), cfg, None, progress=False, progress_callback=seen.append)
     assert [e["step"] for e in seen] == [3, 6, 7]
+
+
+def test_stage2_schedule_ends_and_empty_runs():
+    cfg = config(iters=1)
+    fake = FakeRefineGuidance()
+    run_stage2(_mesh(), reference_view(cfg), cfg, fake, progress=False)
+    assert [c["strength"] for c in fake.calls] == [pytest.approx(0.9)]  # strength_end at the end
+    cfg = config(iters=0)
+    report = run_stage2(_mesh(), reference_view(cfg), cfg, None, progress=False).report
+    assert math.isnan(report["final_loss"]) and report["iters"] == 0
