@@ -107,6 +107,27 @@ EQUIVALENT: dict[str, str] = {
     **{_S1 + n: "the stage's Densifier has min_opacity = 0.01 (the default), which prune() "
                 "uses when none is passed" for n in ("292", "296")},
 }
+_S2 = "hash3d_dg.stages.stage2.x_run_stage2__mutmut_"
+_RS = "hash3d_dg.stages.stage2.x_render_supersampled__mutmut_"
+EQUIVALENT.update({
+    **{_RS + n: _CPU_DEVICE for n in ("34", "37")},
+    **{_S2 + n: _CPU_DEVICE for n in ("9", "33", "35", "73")},
+    **{_RS + n: "F.interpolate treats align_corners=None as False for bilinear" for n in ("67", "72")},
+    **{_S2 + n: "F.interpolate treats align_corners=None as False for bilinear" for n in ("237", "241")},
+    _RS + "86": "the resampling (and its antialias flag) only runs when inner != size",
+    _RS + "95": "stacked has 5 channels: 4:6 is 4:5",
+    _S2 + "242": "image is 4-D: shape[+2:] is shape[-2:]",
+    **{_S2 + n: "tqdm's dynamic_ncols only follows the terminal width" for n in ("51", "55", "66")},
+    _S2 + "70": 'float("NAN") is float("nan")',
+    _S2 + "88": "min(2.0, step / iters) == min(1.0, step / iters) for step <= iters",
+    _S2 + "134": "uncovered pixels have a zero normal, so viewcos > 0.5 already excludes them",
+    _S2 + "136": "viewcos == 0.5 exactly has probability 0",
+    **{_S2 + n: "the camera is resized to the supersampled size before rendering: its own "
+                "width is never used" for n in ("158", "163")},
+    _S2 + "166": "sample_novel_view's d_radius is always 0",
+    **{_S2 + n: "every parameter gets a gradient every step: zeroing equals setting to None"
+       for n in ("268", "269")},
+})
 _G = "hash3d_dg.gaussians.rasterize_cuda.x_rasterize_gsplat__mutmut_"
 _I = "hash3d_dg.gaussians.rasterize_cuda.x_rasterize_inria__mutmut_"
 _IP = "hash3d_dg.gaussians.rasterize_cuda.x__inria_projection_matrix__mutmut_"
