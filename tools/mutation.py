@@ -52,8 +52,11 @@ MODULES: dict[str, dict] = {
     },
     "guidance": {  # the SDS and refine of Zero123Guidance (and what they call in zero123.py)
         "mutate": ["hash3d_dg/guidance/zero123.py"],
-        "before": ["tests/test_guidance_sds.py"],
-        "after": ["tests/test_guidance_sds.py", "tests/test_wiring_refine.py"],
+        "before": ["tests/test_guidance_sds.py", "tests/test_bf16.py",
+                   "tests/test_guidance_tiny_vae.py"],
+        "after": ["tests/test_guidance_sds.py", "tests/test_bf16.py",
+                  "tests/test_guidance_tiny_vae.py", "tests/test_wiring_refine.py",
+                  "tests/test_wiring_guidance.py"],
     },
     "stage1": {
         "mutate": ["hash3d_dg/stages/stage1.py"],
@@ -127,6 +130,29 @@ EQUIVALENT.update({
     _S2 + "166": "sample_novel_view's d_radius is always 0",
     **{_S2 + n: "every parameter gets a gradient every step: zeroing equals setting to None"
        for n in ("268", "269")},
+})
+_Z = "hash3d_dg.guidance.zero123.x"
+_ZG = _Z + "ǁZero123Guidanceǁ"
+EQUIVALENT.update({
+    **{_ZG + "__init____mutmut_" + n: _CPU_DEVICE for n in ("41", "43", "51")},
+    _ZG + "__init____mutmut_14": "CachedDenoiser's cache defaults to None",
+    **{_ZG + "_resize__mutmut_" + n: _CPU_DEVICE for n in ("10", "12")},
+    **{_ZG + "_resize__mutmut_" + n: "every caller casts the resized images to the model dtype "
+                                      "right after (encode_images, set_reference)" for n in ("11", "13")},
+    _ZG + "_resize__mutmut_14": "images is 4-D: shape[+2:] is shape[-2:]",
+    _ZG + "_resize__mutmut_15": "a bilinear resize to the same size is the identity",
+    **{_ZG + "_resize__mutmut_" + n: "F.interpolate treats align_corners=None as False for bilinear"
+       for n in ("21", "25")},
+    **{_ZG + "camera_embedding__mutmut_" + n: _CPU_DEVICE for n in ("40", "42")},
+    _ZG + "camera_embedding__mutmut_51": "stacking 1-D tensors on dim +1 is dim -1",
+    **{_ZG + "sds_latents__mutmut_" + n: _CPU_DEVICE for n in ("9", "13", "16", "18", "23", "27")},
+    **{_ZG + "sds_latents__mutmut_" + n: "torch.randn's default dtype is float32"
+       for n in ("10", "14")},
+    **{_ZG + "sds_latents__mutmut_" + n: "torch.full of an int fills int64 (long) by default"
+       for n in ("24", "28")},
+    _ZG + "sds_latents__mutmut_43": "both conditioning tensors have 2B rows",
+    **{_ZG + "timestep_for__mutmut_" + n: _CPU_DEVICE for n in ("7", "12")},
+    **{_Z + "__as_float64__mutmut_" + n: _CPU_DEVICE for n in ("3", "5")},
 })
 _G = "hash3d_dg.gaussians.rasterize_cuda.x_rasterize_gsplat__mutmut_"
 _I = "hash3d_dg.gaussians.rasterize_cuda.x_rasterize_inria__mutmut_"
