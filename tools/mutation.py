@@ -154,6 +154,17 @@ EQUIVALENT.update({
     **{_ZG + "timestep_for__mutmut_" + n: _CPU_DEVICE for n in ("7", "12")},
     **{_Z + "__as_float64__mutmut_" + n: _CPU_DEVICE for n in ("3", "5")},
 })
+_E = "hash3d_dg.mesh.export.x_"
+EQUIVALENT.update({
+    _E + "_atomic_write__mutmut_4": "os.umask(1) returns the previous mask like os.umask(0), "
+                                     "and the next line restores it",
+    _E + "export_glb__mutmut_12": "trimesh lower-cases file_type",
+    **{_E + "export_obj__mutmut_" + n: "PIL infers mode RGB from a uint8 H x W x 3 array"
+       for n in ("21", "23")},
+    _E + "export_obj__mutmut_28": "PIL's format names are case-insensitive",
+    _E + "export_obj__mutmut_33": "files is empty before: += and = agree",
+    _E + "load_mesh__mutmut_28": "trimesh.util.concatenate of one geometry returns its copy",
+})
 _G = "hash3d_dg.gaussians.rasterize_cuda.x_rasterize_gsplat__mutmut_"
 _I = "hash3d_dg.gaussians.rasterize_cuda.x_rasterize_inria__mutmut_"
 _IP = "hash3d_dg.gaussians.rasterize_cuda.x__inria_projection_matrix__mutmut_"
