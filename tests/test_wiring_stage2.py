@@ -87,7 +87,7 @@ def config(**stage2):
               "stage1": {"ref_size": 24},
               "stage2": {"iters": 6, "render_res": 16, "texture_lr": 0.2, "strength_start": 0.6,
                          "strength_end": 0.9, "ddim_steps": 20, "backend": "torch",
-                         "ssaa_min": 0.6, "ssaa_max": 1.5},
+                         "ssaa_min": 1.1, "ssaa_max": 1.5},
               "hash3d": {"mode": "fast"}}
     values["stage2"].update(stage2)
     return build_config(values)
@@ -250,6 +250,7 @@ def test_stage2_with_vertex_offsets_matches_the_reference_loop():
     torch.testing.assert_close(result.mesh.v, want.v, rtol=0, atol=1e-5)
     torch.testing.assert_close(result.mesh.vn, want.vn, rtol=0, atol=1e-5)
     torch.testing.assert_close(result.mesh.albedo, want.albedo, rtol=0, atol=2e-5)
+    assert round(result.report["ref_psnr"], 3) == result.report["ref_psnr"]
 
 
 def test_stage2_progress_bar_and_check_interval(capsys, monkeypatch):
@@ -280,3 +281,15 @@ def test_stage2_schedule_ends_and_empty_runs():
     cfg = config(iters=0)
     report = run_stage2(_mesh(), reference_view(cfg), cfg, None, progress=False).report
     assert math.isnan(report["final_loss"]) and report["iters"] == 0
+
+
+def test_stage2_reports_its_duration_in_ms(monkeypatch):
+    import time
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(time, "perf_counter", lambda: 100.0 + 0.0123456 * next(ticks))
+    cfg = config(iters=1)
+    cfg.guidance.lambda_zero123 = 0.0
+    seconds = run_stage2(_mesh(), reference_view(cfg), cfg, None, progress=False).report["seconds"]
+    assert isinstance(seconds, float) and 0 < seconds < 1
+    assert any(abs(seconds - round(0.0123456 * n, 3)) < 1e-12 for n in range(1, 50))
