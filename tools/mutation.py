@@ -165,6 +165,28 @@ EQUIVALENT.update({
     _E + "export_obj__mutmut_33": "files is empty before: += and = agree",
     _E + "load_mesh__mutmut_28": "trimesh.util.concatenate of one geometry returns its copy",
 })
+_C = "hash3d_dg.cache.table.xǁHash3DCacheǁ"
+_BL = "hash3d_dg.cache.blend.x_"
+EQUIVALENT.update({
+    **{_BL + n: _CPU_DEVICE for n in ("cosine__mutmut_16", "cosine__mutmut_18",
+                                      "query_distances__mutmut_14", "query_distances__mutmut_16")},
+    _BL + "blend_features__mutmut_17": "the weights are float32 or float64 like the features "
+                                       "they multiply (type promotion gives the same product)",
+    _BL + "cosine__mutmut_11": "eps only matters for a zero vector, where both give 0",
+    "hash3d_dg.cache.table.x_view_angle_deg__mutmut_7": "negating y in both directions is a "
+                                                        "reflection: angles are unchanged",
+    _C + "_best_of__mutmut_10": "no caller passes a None cell",
+    **{_C + "_best_of__mutmut_" + n: "the similarity is only compared between ranks whose first "
+                                     "element (measured or not) is equal: both None or both floats"
+       for n in ("30", "32")},
+    _C + "_best_of__mutmut_36": "ranks are never equal (the last element -m differs per grid)",
+    _C + "_best_of__mutmut_42": "callers test m >= 0 / m < 0 only",
+    _C + "choose__mutmut_43": "callers test m >= 0 / m < 0 only",
+    _C + "choose__mutmut_15": "d = 0 re-checks the query's own cells, already found empty",
+    _C + "_matching__mutmut_13": "an angle exactly equal to the gate (in floating point) has "
+                                 "probability 0",
+    _C + "should_retrieve__mutmut_1": "random() returns exactly eta with probability 0",
+})
 _G = "hash3d_dg.gaussians.rasterize_cuda.x_rasterize_gsplat__mutmut_"
 _I = "hash3d_dg.gaussians.rasterize_cuda.x_rasterize_inria__mutmut_"
 _IP = "hash3d_dg.gaussians.rasterize_cuda.x__inria_projection_matrix__mutmut_"
