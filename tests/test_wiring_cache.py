@@ -164,3 +164,182 @@ def test_cells_and_buckets_by_hand():
     assert 0 <= expected < 1024
     # an exact multiple starts its own cell (2.0 / 0.1 in floating point is 19.999...)
     assert GridSpec(20.0, 20.0, 0.1, 20.0).cell(CacheKey(0.0, 0.0, 2.0, 40.0))[2:] == (20, 2)
+
+
+# ------------------------------------------------------------------ choice, gate and fall-back flags
+
+def one(value: float, shape=(3,)) -> torch.Tensor:
+    return torch.full(shape, float(value))
+
+
+def single(**overrides):
+    return Hash3DCache(Hash3DConfig.preset("paper", eta=1.0, grids=[[10, 10, 0.1, 10]],
+                                           adaptive=False, **overrides))
+
+
+def test_choose_grid_and_choose_flags():
+    c = cache([[10, 10, 0.1, 10], [40, 10, 0.1, 10]])
+    assert c.choose(key(5.0), Q) is None and c.choose_grid(key(5.0), Q) is None
+    c.insert(key(5.0), Q, unit(0))
+    m, entries = c.choose_grid(key(5.0), Q)
+    assert m == 0 and [e.seq for e in entries] == [0]
+    chosen = c.choose(key(5.0), Q)
+    assert chosen[0] == 0 and chosen[2] is False and chosen[3] is False
+    c.insert(key(25.0), Q, unit(0))  # coarse cell only
+    m, entries = c.choose_grid(key(25.0), Q)
+    assert m == 1 and sorted(e.seq for e in entries) == [0, 1]
+    assert c.choose_grid(key(25.0), torch.zeros(4)) is None  # no entry of that query shape
+
+
+def test_a_grid_whose_entries_do_not_match_does_not_hide_the_next_grid():
+    c = cache([[10, 10, 0.1, 10], [40, 10, 0.1, 10]])
+    c.insert(key(5.0), torch.zeros(4), unit(0))  # fine + coarse cells, another query shape
+    c.insert(key(25.0), Q, unit(90))             # coarse cell only, the query's shape
+    got = c.retrieve(key(5.0), Q)
+    assert got is not None and got[1] == 1
+    torch.testing.assert_close(got[0], unit(90))
+
+
+def test_plain_misses_are_not_counted_as_gated():
+    c = single()
+    assert c.retrieve(key(5.0), Q) is None
+    c.insert(key(5.0), torch.zeros(4), unit(0))  # only another query shape in the cell
+    assert c.retrieve(key(5.0), Q) is None
+    assert c.stats.misses == 2 and c.stats.gated == 0
+    assert c.similarity(key(55.0)) == [None]  # an empty cell
+
+
+def test_gated_misses_count_each_time_and_choose_says_so():
+    c = single(camera_gate_deg=3.0)
+    c.insert(key(9.0), Q, unit(0))
+    assert c.choose(key(1.0), Q) == (-1, [], False, True)
+    assert c.choose_grid(key(1.0), Q) is None
+    assert c.retrieve(key(1.0), Q) is None and c.retrieve(key(1.5), Q) is None
+    assert c.stats.gated == 2 and c.stats.misses == 2
+
+
+def test_fallback_two_cells_away_and_with_the_camera_gate():
+    c = single(timestep_fallback=2, camera_gate_deg=5.0)
+    c.insert(key(5.0, t=525.0), Q, one(2))   # timestep cell 52, query in 50: two away
+    got = c.retrieve(key(3.0, t=501.0), Q)
+    assert got is not None and torch.equal(got[0], one(2))
+    assert c.choose(key(3.0, t=501.0), Q)[2] is True
+    # the gate applies in the fall-back cells too: a far camera there is a gated miss
+    g = single(timestep_fallback=1, camera_gate_deg=2.0)
+    g.insert(key(9.0, t=515.0), Q, one(1))
+    assert g.retrieve(key(1.0, t=501.0), Q) is None
+    assert g.stats.gated == 1
+    assert g.choose(key(1.0, t=501.0), Q) == (-1, [], False, True)
+
+
+def test_budget_and_rejections_count_exactly():
+    q, v = torch.zeros(4), torch.zeros(4)  # 16 + 16 bytes
+    c = single(memory_budget_bytes=32)
+    c.insert(key(5.0), q, v)  # exactly the budget: stored
+    assert c.stats.entries == 1 and c.stats.rejected == 0
+    small = single(memory_budget_bytes=31)
+    small.insert(key(5.0), q, v)
+    small.insert(key(6.0), q, v)
+    assert small.stats.rejected == 2 and small.stats.entries == 0
+
+
+def test_budget_eviction_leaves_no_empty_queues_or_buckets():
+    q, v = torch.zeros(4), torch.zeros(4)
+    c = Hash3DCache(Hash3DConfig.preset("paper", eta=1.0, memory_budget_bytes=64))
+    for az in (5.0, 25.0, 45.0, 65.0):  # every insert past two evicts the globally oldest
+        c.insert(key(az), q, v)
+    assert c.stats.entries == 2 and c.stats.budget_evictions == 2
+    for table in c.tables:
+        assert all(queue.entries for _, _, queue in table.cells())
+        assert all(bucket for bucket in table.buckets.values())
+        assert sum(len(queue.entries) for _, _, queue in table.cells()) == 2
+    # removing an entry no table holds is a no-op
+    gone = c.tables[0]
+    stranger = type(c.entries()[0])(seq=99, key=key(300.0), query=q, feature=v, nbytes=32)
+    gone.remove(stranger)
+    gone.remove(c.entries()[0])
+    gone.remove(c.entries()[0])  # twice: its bucket is gone the second time
+    assert sum(len(queue.entries) for _, _, queue in gone.cells()) == 1
+
+
+def test_different_feature_shapes_in_one_cell_are_an_error():
+    c = single()
+    c.insert(key(5.0), Q, torch.zeros(2))
+    c.insert(key(6.0), Q, torch.zeros(3))
+    with pytest.raises(ValueError, match=r"^entries of one cell have features of different "
+                                         r"shapes: clear the cache when the model or the batch "
+                                         r"layout changes$"):
+        c.retrieve(key(5.0), Q)
+
+
+def test_off_mode_and_bad_grids_explain_themselves():
+    with pytest.raises(ValueError, match=r"^Hash3D mode 'off' has no cache: use make_cache\(cfg\), "
+                                         r"which returns None for it$"):
+        Hash3DCache(Hash3DConfig.preset("off"))
+    with pytest.raises(ValueError, match=r"^grid d_azimuth must be > 0, got 0$"):
+        GridSpec(0, 10.0, 0.1, 10.0)
+    with pytest.raises(ValueError, match=r"^grid d_timestep must be > 0, got -1.0$"):
+        GridSpec(10.0, 10.0, 0.1, -1.0)
+    with pytest.raises(ValueError, match=r"^a grid needs 4 deltas \[d_az, d_el, d_r, d_t\], got \[1, 2\]$"):
+        GridSpec.from_list([1, 2])
+
+
+def test_seeded_retrieval_draws_default_to_seed_zero():
+    import random
+
+    from hash3d_dg.cache.table import make_cache
+
+    cfg = Hash3DConfig.preset("paper", eta=0.5)
+    want = [random.Random(0).random() < 0.5 for _ in range(1)]
+    ref = random.Random(0)
+    want = [ref.random() < 0.5 for _ in range(40)]
+    for c in (make_cache(cfg), Hash3DCache(cfg)):
+        assert [c.should_retrieve() for _ in range(40)] == want
+    ref = random.Random(7)
+    assert [make_cache(cfg, 7).should_retrieve() for _ in range(1)] == [ref.random() < 0.5]
+    assert make_cache(Hash3DConfig.preset("off")) is None
+
+
+def test_stored_copies_are_contiguous():
+    c = single()
+    feature = torch.rand(1, 3, 4, 4).to(memory_format=torch.channels_last)
+    c.insert(key(5.0), Q, feature)
+    assert c.entries()[0].feature.is_contiguous()
+
+
+# ------------------------------------------------------------------ blend and similarity precision
+
+def test_blend_and_distances_compute_in_float32_or_float64():
+    from hash3d_dg.cache.blend import blend_features, cosine, query_distances
+
+    g = torch.Generator().manual_seed(0)
+    stored = (torch.rand(3, 2000, generator=g) * 300).to(torch.float16)  # squares overflow fp16
+    query = (torch.rand(2000, generator=g) * 300).to(torch.float16)
+    d64 = ((stored.double() - query.double()) ** 2).sum(1)
+    got = query_distances(query, stored)  # the default distance is the squared one
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), d64, rtol=1e-5, atol=0)
+    feats = (torch.rand(3, 5, generator=g) * 1000).to(torch.float16)
+    blended = blend_features(query, stored, feats)
+    assert blended.dtype == torch.float32
+    w = torch.softmax(-d64, 0)
+    torch.testing.assert_close(blended.double(), (w[:, None] * feats.double()).sum(0), rtol=1e-6, atol=0)
+    assert blend_features(query.double(), stored.double(), feats.double()).dtype == torch.float64
+    assert blend_features(query.float(), stored.float(), feats.float()).dtype == torch.float32
+    a, b = stored[0], stored[1].float()
+    c64 = float((a.double() @ b.double()) / (a.double().norm() * b.double().norm()))
+    assert cosine(a, b) == pytest.approx(c64, abs=1e-6)
+    assert cosine(a, a) == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match=r"^unknown distance 'l1': expected 'squared' or 'l2'$"):
+        query_distances(query, stored, "l1")
+
+
+def test_view_angle_is_exact_at_zero_and_180_degrees():
+    from hash3d_dg.cache.table import view_angle_deg
+
+    for el in range(-85, 90, 7):
+        for az in range(0, 360, 13):
+            k = CacheKey(az + 0.1, el + 0.3, 2.0, 0.0)
+            opposite = CacheKey(az + 180.1, -(el + 0.3), 2.0, 0.0)
+            assert view_angle_deg(k, k) == pytest.approx(0.0, abs=1e-5)
+            assert view_angle_deg(k, opposite) == pytest.approx(180.0, abs=1e-5)

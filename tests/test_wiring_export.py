@@ -286,7 +286,7 @@ def test_export_creates_missing_folders_and_writes_hidden_temporaries_beside_the
         return real_replace(src, dst)
 
     monkeypatch.setattr(export_mod.os, "replace", replace)
-    old = os.umask(0o027)
+    old = os.umask(0o022)
     try:
         target = tmp_path / "a" / "b" / f"model.{kind}"
         (export_glb if kind == "glb" else export_obj)(textured_mesh(), target)
@@ -297,7 +297,7 @@ def test_export_creates_missing_folders_and_writes_hidden_temporaries_beside_the
         assert os.path.dirname(src) == os.path.dirname(dst) == str(target.parent)
         name = os.path.basename(src)
         assert name.startswith("." + os.path.basename(dst) + ".") and name.endswith(".tmp"), name
-        assert (os.stat(dst).st_mode & 0o777) == 0o640  # 0666 under the umask 027, not mkstemp's 0600
+        assert (os.stat(dst).st_mode & 0o777) == 0o644  # 0666 under the umask 022, not mkstemp's 0600
     assert [os.path.basename(d) for _, d in moves][-1] == f"model.{kind}"  # the OBJ last
 
 

@@ -52,8 +52,11 @@ MODULES: dict[str, dict] = {
     },
     "guidance": {  # the SDS and refine of Zero123Guidance (and what they call in zero123.py)
         "mutate": ["hash3d_dg/guidance/zero123.py"],
-        "before": ["tests/test_guidance_sds.py"],
-        "after": ["tests/test_guidance_sds.py", "tests/test_wiring_refine.py"],
+        "before": ["tests/test_guidance_sds.py", "tests/test_bf16.py",
+                   "tests/test_guidance_tiny_vae.py"],
+        "after": ["tests/test_guidance_sds.py", "tests/test_bf16.py",
+                  "tests/test_guidance_tiny_vae.py", "tests/test_wiring_refine.py",
+                  "tests/test_wiring_guidance.py"],
     },
     "stage1": {
         "mutate": ["hash3d_dg/stages/stage1.py"],
@@ -107,6 +110,83 @@ EQUIVALENT: dict[str, str] = {
     **{_S1 + n: "the stage's Densifier has min_opacity = 0.01 (the default), which prune() "
                 "uses when none is passed" for n in ("292", "296")},
 }
+_S2 = "hash3d_dg.stages.stage2.x_run_stage2__mutmut_"
+_RS = "hash3d_dg.stages.stage2.x_render_supersampled__mutmut_"
+EQUIVALENT.update({
+    **{_RS + n: _CPU_DEVICE for n in ("34", "37")},
+    **{_S2 + n: _CPU_DEVICE for n in ("9", "33", "35", "73")},
+    **{_RS + n: "F.interpolate treats align_corners=None as False for bilinear" for n in ("67", "72")},
+    **{_S2 + n: "F.interpolate treats align_corners=None as False for bilinear" for n in ("237", "241")},
+    _RS + "86": "the resampling (and its antialias flag) only runs when inner != size",
+    _RS + "95": "stacked has 5 channels: 4:6 is 4:5",
+    _S2 + "242": "image is 4-D: shape[+2:] is shape[-2:]",
+    **{_S2 + n: "tqdm's dynamic_ncols only follows the terminal width" for n in ("51", "55", "66")},
+    _S2 + "70": 'float("NAN") is float("nan")',
+    _S2 + "88": "min(2.0, step / iters) == min(1.0, step / iters) for step <= iters",
+    _S2 + "134": "uncovered pixels have a zero normal, so viewcos > 0.5 already excludes them",
+    _S2 + "136": "viewcos == 0.5 exactly has probability 0",
+    **{_S2 + n: "the camera is resized to the supersampled size before rendering: its own "
+                "width is never used" for n in ("158", "163")},
+    _S2 + "166": "sample_novel_view's d_radius is always 0",
+    **{_S2 + n: "every parameter gets a gradient every step: zeroing equals setting to None"
+       for n in ("268", "269")},
+})
+_Z = "hash3d_dg.guidance.zero123.x"
+_ZG = _Z + "ǁZero123Guidanceǁ"
+EQUIVALENT.update({
+    **{_ZG + "__init____mutmut_" + n: _CPU_DEVICE for n in ("41", "43", "51")},
+    _ZG + "__init____mutmut_14": "CachedDenoiser's cache defaults to None",
+    **{_ZG + "_resize__mutmut_" + n: _CPU_DEVICE for n in ("10", "12")},
+    **{_ZG + "_resize__mutmut_" + n: "every caller casts the resized images to the model dtype "
+                                      "right after (encode_images, set_reference)" for n in ("11", "13")},
+    _ZG + "_resize__mutmut_14": "images is 4-D: shape[+2:] is shape[-2:]",
+    _ZG + "_resize__mutmut_15": "a bilinear resize to the same size is the identity",
+    **{_ZG + "_resize__mutmut_" + n: "F.interpolate treats align_corners=None as False for bilinear"
+       for n in ("21", "25")},
+    **{_ZG + "camera_embedding__mutmut_" + n: _CPU_DEVICE for n in ("40", "42")},
+    _ZG + "camera_embedding__mutmut_51": "stacking 1-D tensors on dim +1 is dim -1",
+    **{_ZG + "sds_latents__mutmut_" + n: _CPU_DEVICE for n in ("9", "13", "16", "18", "23", "27")},
+    **{_ZG + "sds_latents__mutmut_" + n: "torch.randn's default dtype is float32"
+       for n in ("10", "14")},
+    **{_ZG + "sds_latents__mutmut_" + n: "torch.full of an int fills int64 (long) by default"
+       for n in ("24", "28")},
+    _ZG + "sds_latents__mutmut_43": "both conditioning tensors have 2B rows",
+    **{_ZG + "timestep_for__mutmut_" + n: _CPU_DEVICE for n in ("7", "12")},
+    **{_Z + "__as_float64__mutmut_" + n: _CPU_DEVICE for n in ("3", "5")},
+})
+_E = "hash3d_dg.mesh.export.x_"
+EQUIVALENT.update({
+    _E + "_atomic_write__mutmut_4": "os.umask(1) returns the previous mask like os.umask(0), "
+                                     "and the next line restores it",
+    _E + "export_glb__mutmut_12": "trimesh lower-cases file_type",
+    **{_E + "export_obj__mutmut_" + n: "PIL infers mode RGB from a uint8 H x W x 3 array"
+       for n in ("21", "23")},
+    _E + "export_obj__mutmut_28": "PIL's format names are case-insensitive",
+    _E + "export_obj__mutmut_33": "files is empty before: += and = agree",
+    _E + "load_mesh__mutmut_28": "trimesh.util.concatenate of one geometry returns its copy",
+})
+_C = "hash3d_dg.cache.table.xǁHash3DCacheǁ"
+_BL = "hash3d_dg.cache.blend.x_"
+EQUIVALENT.update({
+    **{_BL + n: _CPU_DEVICE for n in ("cosine__mutmut_16", "cosine__mutmut_18",
+                                      "query_distances__mutmut_14", "query_distances__mutmut_16")},
+    _BL + "blend_features__mutmut_17": "the weights are float32 or float64 like the features "
+                                       "they multiply (type promotion gives the same product)",
+    _BL + "cosine__mutmut_11": "eps only matters for a zero vector, where both give 0",
+    "hash3d_dg.cache.table.x_view_angle_deg__mutmut_7": "negating y in both directions is a "
+                                                        "reflection: angles are unchanged",
+    _C + "_best_of__mutmut_10": "no caller passes a None cell",
+    **{_C + "_best_of__mutmut_" + n: "the similarity is only compared between ranks whose first "
+                                     "element (measured or not) is equal: both None or both floats"
+       for n in ("30", "32")},
+    _C + "_best_of__mutmut_36": "ranks are never equal (the last element -m differs per grid)",
+    _C + "_best_of__mutmut_42": "callers test m >= 0 / m < 0 only",
+    _C + "choose__mutmut_43": "callers test m >= 0 / m < 0 only",
+    _C + "choose__mutmut_15": "d = 0 re-checks the query's own cells, already found empty",
+    _C + "_matching__mutmut_13": "an angle exactly equal to the gate (in floating point) has "
+                                 "probability 0",
+    _C + "should_retrieve__mutmut_1": "random() returns exactly eta with probability 0",
+})
 _G = "hash3d_dg.gaussians.rasterize_cuda.x_rasterize_gsplat__mutmut_"
 _I = "hash3d_dg.gaussians.rasterize_cuda.x_rasterize_inria__mutmut_"
 _IP = "hash3d_dg.gaussians.rasterize_cuda.x__inria_projection_matrix__mutmut_"
