@@ -40,6 +40,12 @@ depends only on the camera, not on t or x_t, so reuse across timesteps of one ca
 official mode's stage-2 reuse along one trajectory (same camera), cost nothing here; only reuse
 across cameras does. Real UNet features also drift with t; this benchmark measures the camera
 part of Hash3D's approximation.
+
+``--judge learned`` replaces the analytic model by a trained one that has those properties: the
+32 px view-conditioned denoiser of ``hash3d_dg/eval/learned.py`` (trained on this scene's
+renders), split by the product's ``UNetSplit`` at the run's cache point
+(``hash3d_dg/eval/learned_oracle.py``); the guidance then works on 32 px pixels. ``--judge
+random`` is its architecture untrained (a floor, not a judge).
 """
 
 from __future__ import annotations
@@ -87,12 +93,17 @@ SIZES: dict[str, dict[str, Any]] = {
                  mesh_resolution=24, texture_size=64, bake_render_size=32, eval_size=32,
                  num_pts=500, scene_texture=64, ssaa=1, device="cpu"),
 }
-SETTING_KEYS = tuple(SIZES["cpu"]) + ("sds_scale", "eval_views", "eval_elevation", "threads", "task")
+SETTING_KEYS = tuple(SIZES["cpu"]) + ("sds_scale", "eval_views", "eval_elevation", "threads", "task",
+                                      "judge")
 #: ``task``: ``image`` (configs/image.yaml's loop, the reference view fitted) or ``text``
 #: (configs/text.yaml's loop: no reference view, radius 2.5, densification from step 0 every
 #: 50, position lr over 300 steps, first-view bake). The oracle reads no prompt: in text mode it
 #: judges the text loop and the cache in it, not a text model.
 TASKS = ("image", "text")
+#: The denoiser that judges: ``analytic`` (``OracleDenoiser``), ``learned`` (the trained denoiser of
+#: ``hash3d_dg/eval/learned.py`` through ``UNetSplit``, 32 px guidance) or ``random`` (its
+#: architecture at random init); see ``hash3d_dg/eval/learned_oracle.py``.
+JUDGES = ("analytic", "learned", "random")
 #: torch intra-op threads during the benchmark: the stages' many small CPU ops run fastest on one
 #: thread, and several threads on a shared 2-core machine were measured ~8x slower.
 DEFAULT_THREADS = 1
@@ -253,10 +264,13 @@ def resolve_settings(size: str = "cpu", **overrides) -> dict:
     if unknown:
         raise ValueError(f"unknown oracle setting(s): {', '.join(unknown)}")
     settings = dict(SIZES[size], size=size, sds_scale=DEFAULT_SDS_SCALE, eval_views=EVAL_VIEWS,
-                    eval_elevation=EVAL_ELEVATION, threads=DEFAULT_THREADS, task="image")
+                    eval_elevation=EVAL_ELEVATION, threads=DEFAULT_THREADS, task="image",
+                    judge="analytic")
     settings.update(overrides)
     if settings["task"] not in TASKS:
         raise ValueError(f"unknown oracle task {settings['task']!r}: expected one of {', '.join(TASKS)}")
+    if settings["judge"] not in JUDGES:
+        raise ValueError(f"unknown judge {settings['judge']!r}: expected one of {', '.join(JUDGES)}")
     return settings
 
 
@@ -314,13 +328,20 @@ def _score(render_fn, truth: list[tuple[torch.Tensor, torch.Tensor]], cameras: l
             "mask_iou": round(float(np.mean(m)), 4), "psnr_per_view": [round(v, 2) for v in p]}
 
 
-def oracle_guidance(cfg: RunConfig, scene: OracleScene,
-                    sds_scale: float = DEFAULT_SDS_SCALE) -> OracleGuidance:
-    """The oracle guidance of a run: ``scene``'s ground truth at the run's guidance size and
-    cameras, through a Hash3D table of ``cfg.hash3d`` (seeded with ``cfg.seed``)."""
-    scheduler = DDIMScheduler.from_config(SCHEDULER_CONFIG)
-    oracle = OracleDenoiser(scene, scheduler.alphas_cumprod, cfg.guidance.image_size, cfg.elevation,
-                            cfg.radius, cfg.fovy)
+def oracle_guidance(cfg: RunConfig, scene: OracleScene, sds_scale: float = DEFAULT_SDS_SCALE,
+                    judge: str = "analytic") -> OracleGuidance:
+    """The oracle guidance of a run, through a Hash3D table of ``cfg.hash3d`` (seeded with
+    ``cfg.seed``): ``judge`` ``analytic`` knows ``scene``'s ground truth at the run's guidance size
+    and cameras; ``learned`` / ``random`` is the trained denoiser (or its random init) at the
+    run's cache point."""
+    if judge == "analytic":
+        scheduler = DDIMScheduler.from_config(SCHEDULER_CONFIG)
+        oracle = OracleDenoiser(scene, scheduler.alphas_cumprod, cfg.guidance.image_size, cfg.elevation,
+                                cfg.radius, cfg.fovy)
+    else:
+        from hash3d_dg.eval.learned_oracle import make_denoiser
+
+        oracle = make_denoiser(judge, cfg.hash3d.cache_point, cfg.elevation)
     denoiser = CachedDenoiser(oracle, make_cache(cfg.hash3d, seed=cfg.seed))
     return OracleGuidance(denoiser, sds_scale=sds_scale, seed=cfg.seed, hash3d=cfg.hash3d)
 
@@ -352,7 +373,8 @@ def run_oracle_once(scene: OracleScene, hash3d: Hash3DConfig, settings: dict, it
     else:
         ref = ReferenceView.from_rgba(scene.rgba(cfg.elevation, 0.0, cfg.radius, cfg.stage1.ref_size, cfg.fovy),
                                       cfg.elevation, cfg.radius, cfg.fovy, cfg.stage1.ref_size, device)
-    guidance = oracle_guidance(cfg, scene, sds_scale=float(settings["sds_scale"]))
+    guidance = oracle_guidance(cfg, scene, sds_scale=float(settings["sds_scale"]),
+                               judge=settings.get("judge", "analytic"))
     oracle = guidance.oracle
     guidance.set_reference(None if text else ref.image_nchw(), cfg.elevation)
 
@@ -498,7 +520,11 @@ def oracle_report(iters: int = 500, iters_refine: int = 50, modes: Sequence[str]
         "stages": ("real run_stage1 / extract_textured_mesh / run_stage2 with RunConfig defaults "
                    "except the sizes above and stage1.invert_bg_prob=0 (renders always over white)"),
         "sds_scale": f"{settings['sds_scale']} x 0.5 * sum over guidance pixels in [-1, 1] (lambda_zero123 = 1)",
-        "notes": ("oracle deep feature = clean ground-truth render of the conditioning camera, so "
+        "judge": settings["judge"],
+        "notes": ("learned judge: a trained 32 px pixel-space UNet (hash3d_dg/eval/learned.py) "
+                  "split by UNetSplit at the run's cache point; its features depend on the "
+                  "timestep and carry the noise of their pass" if settings["judge"] != "analytic" else
+                  "oracle deep feature = clean ground-truth render of the conditioning camera, so "
                   "reuse costs quality only across cameras (not across timesteps or along a "
                   "trajectory); the oracle's full-call cost is a ground-truth render, so seconds "
                   "measure the harness, not a UNet"),
@@ -527,6 +553,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="configurations run at once in worker processes (default 1)")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                         help="torch CPU threads during the runs (default 1; 0 keeps torch's setting)")
+    parser.add_argument("--judge", default="analytic", choices=list(JUDGES),
+                        help="the denoiser: analytic (default), learned (the trained 32 px denoiser of "
+                             "hash3d_dg/eval/learned.py) or random (its architecture, untrained)")
     parser.add_argument("--progress", action="store_true", help="show the stages' progress bars")
     parser.add_argument("--task", default="image", choices=list(TASKS),
                         help="image: the image loop (reference view fitted); text: configs/text.yaml's loop, "
@@ -537,4 +566,4 @@ def run_from_args(args: argparse.Namespace) -> dict:
     return oracle_report(iters=args.iters, iters_refine=args.iters_refine, modes=tuple(args.modes),
                          sweeps=not args.no_sweeps, seed=args.seed, progress=args.progress,
                          size=args.size, etas=tuple(args.etas), grid_sizes=tuple(args.grid_sizes),
-                         jobs=args.jobs, threads=args.threads, task=args.task)
+                         jobs=args.jobs, threads=args.threads, task=args.task, judge=args.judge)

@@ -72,10 +72,19 @@ SWEEP: tuple[tuple[str, float, int, float | None, float | None], ...] = (
 )
 
 
-def sweep_settings() -> list[tuple[str, dict, Hash3DConfig, int]]:
+def sweep_settings(sweep: str = "default", policies: int | None = None) -> list[tuple[str, dict, Hash3DConfig, int]]:
     """``(label, {group, ...}, Hash3DConfig, seed offset)`` of every run of the sweep: ``off``,
-    the ``SWEEP`` settings, then ``off`` at the ``NOISE_SEEDS`` offsets (the seed-to-seed spread)."""
+    the ``SWEEP`` settings, then ``off`` at the ``NOISE_SEEDS`` offsets (the seed-to-seed spread).
+    ``sweep="learned"``: the presets and the policies of ``learned_oracle.LEARNED_SWEEP`` instead
+    (cache point, stage-2 reuse, blending) for the learned judge."""
     rows: list[tuple[str, dict, Hash3DConfig, int]] = [("off", {"group": "off"}, Hash3DConfig.preset("off"), 0)]
+    if sweep == "learned":
+        from hash3d_dg.eval.learned_oracle import learned_sweep
+
+        rows.extend(learned_sweep(policies))
+        for s in NOISE_SEEDS[:1]:
+            rows.append((f"off seed +{s}", {"group": "off-seed"}, Hash3DConfig.preset("off"), s))
+        return rows
     for group, eta, fallback, gate, grid in SWEEP:
         meta = {"group": group, "eta": eta, "fallback": fallback, "gate": gate, "grid": grid}
         rows.append((_label(eta, fallback, gate, grid), meta, _policy(eta, fallback, gate, grid), 0))
@@ -111,15 +120,16 @@ def _row(label: str, meta: dict, result: dict) -> dict:
 
 
 def pareto_report(size: str = "tiny", iters: int = 500, iters_refine: int = 50, seed: int = 0,
-                  jobs: int = 1, plot: str | None = None, partial: str | None = None) -> dict:
+                  jobs: int = 1, plot: str | None = None, partial: str | None = None,
+                  judge: str = "analytic", sweep: str = "default", policies: int | None = None) -> dict:
     """Run the sweep; see the module docstring. ``plot``: write the Pareto chart there (PNG);
     ``partial``: append each finished run there as one JSON line (long sweeps on a busy machine)."""
     import json
     import logging
 
     log = logging.getLogger(__name__)
-    settings = resolve_settings(size)
-    runs = sweep_settings()
+    settings = resolve_settings(size, judge=judge)
+    runs = sweep_settings(sweep, policies)
     work = [(h, settings, iters, iters_refine, seed + offset) for _, _, h, offset in runs]
     start = time.perf_counter()
     results: list[dict | None] = [None] * len(work)
@@ -181,7 +191,8 @@ def plot_pareto(report: dict, path: str) -> None:
 
     rows = report["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(14, 5.5), dpi=110)
-    markers = {"off": "*", "eta": "o", "eta+fallback": "s", "gate": "^", "grid": "v"}
+    markers = {"off": "*", "eta": "o", "eta+fallback": "s", "gate": "^", "grid": "v",
+               "preset": "P", "policy": "D"}
     s = report["settings"]
     for ax, metric, title in ((axes[0], "psnr", "final mesh PSNR vs ground truth (dB)"),
                               (axes[1], "stage1_psnr", "stage-1 Gaussians PSNR vs ground truth (dB)")):
@@ -206,7 +217,7 @@ def plot_pareto(report: dict, path: str) -> None:
         ax.set_ylabel(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower left")
-    fig.suptitle(f"Hash3D policies on the oracle (--size {s['size']}, {s['iters']}+{s['iters_refine']} iters, "
+    fig.suptitle(f"Hash3D policies on the {s.get('judge', 'analytic')} oracle (--size {s['size']}, {s['iters']}+{s['iters_refine']} iters, "
                  "reduced setting)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
@@ -221,9 +232,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--partial", default=None, help="append each finished run here as a JSON line")
     p.add_argument("--plot", default=None, help="write the Pareto chart (PNG) here")
+    p.add_argument("--judge", default="analytic", choices=["analytic", "learned", "random"],
+                   help="the oracle's denoiser (see bench oracle --judge)")
+    p.add_argument("--sweep", default="default", choices=["default", "learned"],
+                   help="default: the eta / fall-back / gate / grid sweep; learned: the presets and "
+                        "the cache-point / stage-2 / blending policies (learned_oracle.LEARNED_SWEEP)")
+    p.add_argument("--policies", type=int, default=None,
+                   help="with --sweep learned: run only the first N policies (default all)")
 
 
 def run_from_args(args) -> dict:
     torch.set_num_threads(1)
     return pareto_report(args.size, args.iters, args.iters_refine, args.seed, args.jobs,
-                         args.plot, args.partial)
+                         args.plot, args.partial, judge=args.judge, sweep=args.sweep,
+                         policies=args.policies)

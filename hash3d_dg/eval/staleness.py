@@ -99,11 +99,17 @@ def staleness_report(size: str = "full", seed: int = 0, timesteps=(700, 300), dt
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--unet", choices=["full", "tiny"], default="full",
-                   help="full: the stable-zero123 architecture (default); tiny: the test model")
+    p.add_argument("--unet", choices=["full", "tiny", "learned"], default="full",
+                   help="full: the stable-zero123 architecture (default); tiny: the test model; "
+                        "learned: the trained learned oracle against its random init "
+                        "(hash3d_dg/eval/learned_oracle.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--latent", type=int, default=32, help="latent size (32 = 256 px images)")
 
 
 def run_from_args(args) -> dict:
+    if args.unet == "learned":
+        from hash3d_dg.eval.learned_oracle import staleness_report as learned_staleness
+
+        return learned_staleness(seed=args.seed)
     return staleness_report(size=args.unet, seed=args.seed, latent=args.latent)
