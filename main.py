@@ -2,7 +2,7 @@
 
 import sys
 
-from hash3d_dg.cli import main
+from hash3d_dg.apps.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,5 +1,5 @@
 import sys
 
-from hash3d_dg.cli import main
+from hash3d_dg.apps.cli import main
 
 sys.exit(main())

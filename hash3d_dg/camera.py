@@ -128,13 +128,32 @@ class Camera:
         return proj @ np.linalg.inv(self.c2w)
 
     def viewmat(self, device=None, dtype=torch.float32) -> torch.Tensor:
-        return torch.as_tensor(self.viewmat_np, dtype=dtype, device=device)
+        return _to_device(self.viewmat_np, device, dtype)
 
     def K(self, device=None, dtype=torch.float32) -> torch.Tensor:
-        return torch.as_tensor(self.K_np, dtype=dtype, device=device)
+        return _to_device(self.K_np, device, dtype)
 
     def mvp(self, device=None, dtype=torch.float32) -> torch.Tensor:
-        return torch.as_tensor(self.mvp_np, dtype=dtype, device=device)
+        return _to_device(self.mvp_np, device, dtype)
+
+    def viewmat_and_K(self, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(viewmat(), K())`` uploaded together: one pinned, non-blocking copy on CUDA."""
+        if device is None:
+            return self.viewmat(None, dtype), self.K(None, dtype)
+        from hash3d_dg.accel import upload_many
+
+        viewmat, K = upload_many([self.viewmat_np, self.K_np], device, dtype)
+        return viewmat, K
+
+
+def _to_device(array: np.ndarray, device, dtype) -> torch.Tensor:
+    """A host matrix on ``device``: pinned and non-blocking on CUDA (``accel.upload``), the
+    same tensor as ``torch.as_tensor(array, dtype=dtype)`` on the CPU."""
+    if device is None:
+        return torch.as_tensor(array, dtype=dtype)
+    from hash3d_dg.accel import upload
+
+    return upload(array, device, dtype)
 
 
 def wrap_azimuth(azimuth: float) -> float:

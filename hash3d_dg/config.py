@@ -35,20 +35,31 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 TINY_MODEL = "builtin:tiny"  # the built-in tiny random checkpoint (smoke runs, tests)
 
 
+#: Choices of the mesh bake (``mesh.bake_mode``, ``mesh.bake_views``); hash3d_dg.mesh.bake
+#: implements them under these names.
 MESH_BAKE_MODES = ("front", "first", "average")
 MESH_BAKE_VIEWS = ("default18", "upper14")
+#: Guidance implementations (``guidance.type``): the Zero-1-to-3 image guidance, the Stable
+#: Diffusion text guidance (``--prompt``), or the oracle benchmark's analytic denoiser (it ignores
+#: the input and knows the oracle object).
+GUIDANCE_TYPES = ("zero123", "sd", "oracle")
 
 
 @dataclass
 class GuidanceConfig:
+    type: str = "zero123"  # zero123 (image to 3D, --image) | sd (Stable Diffusion, text to 3D, --prompt) | oracle
     model: str = "ashawkey/stable-zero123-diffusers"  # hub id, local directory or builtin:tiny
     family: str = "auto"  # auto | stable | xl
     guidance_scale: float = 5.0
     image_size: int = 256  # guidance works on renders resized to this size
-    lambda_zero123: float = 1.0  # weight of the SDS loss in stage 1 and the refine loss in stage 2
+    lambda_zero123: float = 1.0  # weight of the guidance: SDS loss in stage 1, refine loss in stage 2 (DreamGaussian: lambda_zero123, or lambda_sd for text)
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float16 | bfloat16 | float32 (bf16: no fp16 overflow, on GPUs that have it)
     vae: str = "auto"  # renders' latents: auto (tiny for hash3d.mode=fast, else full) | full | tiny
     tiny_vae: str = "madebyollin/taesd"  # AutoencoderTiny hub id or local directory (guidance.vae=tiny)
+    # GPU speed (auto: on for CUDA, off elsewhere; the eager CPU path is the reference)
+    cuda_graphs: str = "auto"  # auto | on | off: replay the SDS step after the render as CUDA graphs
+    channels_last: str = "auto"  # auto | on | off: UNet and autoencoders in channels_last memory format
+    negative_prompt: str = ""  # guidance.type=sd: the negative prompt (CFG's unconditional text)
 
 
 @dataclass
@@ -82,6 +93,7 @@ class Stage1Config:
     max_ver: float = 30.0
     anneal_timestep: bool = True
     backend: str = "auto"  # auto | torch | gsplat | inria
+    fused_adam: str = "auto"  # auto (on for CUDA) | on | off: Adam's fused kernel
 
 
 @dataclass
@@ -133,6 +145,7 @@ class Stage2Config:
     ssaa_min: float = 0.125
     ssaa_max: float = 2.0
     backend: str = "auto"  # auto | torch | nvdiffrast
+    fused_adam: str = "auto"  # auto (on for CUDA) | on | off: Adam's fused kernel
 
 
 @dataclass
@@ -445,14 +458,18 @@ def validate(cfg: RunConfig) -> None:
 
     choices = [
         ("matting", cfg.matting, ("auto", "alpha", "rembg", "border")),
+        ("guidance.type", g.type, GUIDANCE_TYPES),
         ("guidance.family", g.family, ("auto", "stable", "xl")),
         ("guidance.dtype", g.dtype, ("auto", "float16", "bfloat16", "float32")),
         ("guidance.vae", g.vae, ("auto", "full", "tiny")),
         # The mesh choices are checked here, before stage 1, not only when meshing starts
-        # (hash3d_dg.mesh.bake.BAKE_MODES / BAKE_VIEW_SETS; tests keep the lists equal).
         ("mesh.bake_mode", m.bake_mode, MESH_BAKE_MODES),
         ("mesh.bake_views", m.bake_views, MESH_BAKE_VIEWS),
         ("mesh.clean", m.clean, ("pymeshlab", "basic")),
+        ("guidance.cuda_graphs", g.cuda_graphs, ("auto", "on", "off")),
+        ("guidance.channels_last", g.channels_last, ("auto", "on", "off")),
+        ("stage1.fused_adam", s1.fused_adam, ("auto", "on", "off")),
+        ("stage2.fused_adam", s2.fused_adam, ("auto", "on", "off")),
     ]
     for key, value, allowed in choices:
         if value not in allowed:

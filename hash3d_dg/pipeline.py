@@ -1,12 +1,15 @@
 """The end-to-end run: image -> preprocess -> stage 1 -> mesh -> stage 2 -> export.
 
-``run_image`` reads top to bottom in that order. Everything a run needs that is shared between
+``run_image`` reads top to bottom in that order. Its input is an image path (Zero-1-to-3
+guidance) or a ``prompts.TextPrompt`` (Stable Diffusion guidance, ``guidance.type=sd``): a
+prompt has no preprocess and no reference view; the rest is the same run. Everything a run needs that is shared between
 several input images (device, backends, the guidance model) lives in a ``RunContext``.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 import os
 import platform
@@ -18,15 +21,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hash3d_dg.atomic import save_image_atomic, write_json_atomic
+from hash3d_dg.output.atomic import save_image_atomic, write_json_atomic
 from hash3d_dg.config import TINY_MODEL, RunConfig
 from hash3d_dg.errors import ConfigError, InputError, UserError
 from hash3d_dg.gaussians import load_ply, resolve_gaussian_backend, save_ply
 from hash3d_dg.mesh import export_glb, export_obj, resolve_mesh_backend
-from hash3d_dg.names import image_name
-from hash3d_dg.outputs import OutputFolder
+from hash3d_dg.output.names import image_name
+from hash3d_dg.output.folder import OutputFolder
 from hash3d_dg.preprocess import PreparedImage, load_image, prepare_image
-from hash3d_dg.previews import PREVIEW_ELEVATION, contact_sheet, render_views, write_turntable
+from hash3d_dg.output.previews import PREVIEW_ELEVATION, contact_sheet, render_views, write_turntable
+from hash3d_dg.prompts import TextPrompt
 from hash3d_dg.stages import ReferenceView, extract_textured_mesh, run_stage1, run_stage2
 
 log = logging.getLogger(__name__)
@@ -69,12 +73,30 @@ def tiny_model_dir(family: str = "stable", seed: int = 0) -> Path:
     return target
 
 
-def build_guidance(cfg: RunConfig, device: torch.device, dtype: torch.dtype, components=None):
-    """Zero-1-to-3 guidance whose UNet runs through the Hash3D cache (or none when mode=off).
+#: ``guidance.type`` -> the builder of that guidance, ``builder(cfg, device, dtype)`` (imported
+#: on use: each brings its own model libraries); a builder that takes ``components`` wraps an
+#: already loaded checkpoint (``RunContext.with_config``).
+GUIDANCE_BUILDERS = {
+    "sd": "hash3d_dg.guidance.sd:build_sd_guidance",
+    "oracle": "hash3d_dg.eval.oracle:build_guidance",
+}
+#: Guidance types whose loaded checkpoint a web-app job may reuse (``RunContext.with_config``).
+REUSABLE_MODELS = ("zero123", "sd")
 
-    ``components``: an already loaded checkpoint to wrap instead of loading ``cfg.guidance.model``.
+
+def build_guidance(cfg: RunConfig, device: torch.device, dtype: torch.dtype, components=None):
+    """The run's guidance (``guidance.type``), its denoiser wrapped by the Hash3D cache (or none
+    when mode=off). Zero-1-to-3 by default.
+
+    ``components``: an already loaded checkpoint of the same type to wrap instead of loading
+    ``cfg.guidance.model``.
     """
-    from hash3d_dg.cache import CachedDenoiser, UNetSplit, make_cache
+    if cfg.guidance.type in GUIDANCE_BUILDERS:
+        module, name = GUIDANCE_BUILDERS[cfg.guidance.type].split(":")
+        extra = {"components": components} if components is not None else {}
+        return getattr(importlib.import_module(module), name)(cfg, device, dtype, **extra)
+    from hash3d_dg.cache import CachedDenoiser, make_cache
+    from hash3d_dg.guidance.unet_split import UNetSplit
     from hash3d_dg.guidance import Zero123Guidance, load_zero123
     from hash3d_dg.guidance.loading import load_latent_vae
 
@@ -85,12 +107,27 @@ def build_guidance(cfg: RunConfig, device: torch.device, dtype: torch.dtype, com
             family = "stable" if family == "auto" else family
             model = str(tiny_model_dir(family))
         components = load_zero123(model, device=device, dtype=dtype, family=family)
-    denoiser = CachedDenoiser(UNetSplit(components.unet, cfg.hash3d.cache_point),
-                              make_cache(cfg.hash3d, seed=cfg.seed))
+    from hash3d_dg.accel import resolve_switch
+    from hash3d_dg.guidance.graphed import GraphedAutograd, GraphedCalls, GraphedSplit, use_cuda_graphs
+
     latent_vae = load_latent_vae(cfg.guidance, cfg.hash3d.mode, device, dtype)
-    return Zero123Guidance(components, denoiser=denoiser, guidance_scale=cfg.guidance.guidance_scale,
-                           image_size=cfg.guidance.image_size, seed=cfg.seed, latent_vae=latent_vae,
-                           hash3d=cfg.hash3d)
+    if resolve_switch(cfg.guidance.channels_last, device, "guidance.channels_last"):
+        # cuDNN's NCHW->NHWC conversions were 19 % of the H200's GPU time
+        for module in (components.unet, components.vae, latent_vae):
+            if module is not None:
+                module.to(memory_format=torch.channels_last)
+    split = UNetSplit(components.unet, cfg.hash3d.cache_point)
+    graphs = use_cuda_graphs(cfg.guidance.cuda_graphs, device)
+    if graphs:
+        split = GraphedSplit(split)
+    denoiser = CachedDenoiser(split, make_cache(cfg.hash3d, seed=cfg.seed))
+    guidance = Zero123Guidance(components, denoiser=denoiser, guidance_scale=cfg.guidance.guidance_scale,
+                               image_size=cfg.guidance.image_size, seed=cfg.seed, latent_vae=latent_vae,
+                               hash3d=cfg.hash3d)
+    if graphs:  # the autoencoder calls too: stage 2's encode and decode, stage 1's encode
+        guidance.graph_calls = split.calls = GraphedCalls(capture=True)
+        guidance.grad_graph_calls = split.grad_calls = GraphedAutograd(capture=True)
+    return guidance
 
 
 @dataclass
@@ -123,7 +160,8 @@ class RunContext:
         model when model, family, device and dtype agree; the Hash3D table and the guidance
         wrapper are built anew from ``cfg``, so no state of an earlier job carries over."""
         other = RunContext.create(cfg, progress=self.progress)
-        same_model = (other.device, other.dtype, cfg.guidance.model, cfg.guidance.family) == (
+        same_model = cfg.guidance.type == self.cfg.guidance.type and cfg.guidance.type in REUSABLE_MODELS and (
+            other.device, other.dtype, cfg.guidance.model, cfg.guidance.family) == (
             self.device, self.dtype, self.cfg.guidance.model, self.cfg.guidance.family)
         if same_model and self._guidance is not None and other.needs_guidance:
             other._guidance = build_guidance(other.cfg, other.device, other.dtype,
@@ -155,7 +193,8 @@ class RunContext:
         hash3d = cfg.hash3d.mode if cfg.hash3d.mode == "off" else (
             f"{cfg.hash3d.mode} (eta {cfg.hash3d.eta}, {len(cfg.hash3d.grids)} grid(s), "
             f"cache point {cfg.hash3d.cache_point}, stage 2 {cfg.hash3d.stage2})")
-        model = cfg.guidance.model if self.needs_guidance else "none (lambda_zero123=0)"
+        model = (("the oracle object (guidance.type=oracle)" if cfg.guidance.type == "oracle" else cfg.guidance.model)
+                 if self.needs_guidance else "none (lambda_zero123=0)")
         return (f"device {self.device} | dtype {str(self.dtype).replace('torch.', '')} | "
                 f"gaussians: {self.gaussian_backend} | mesh: {self.mesh_backend} | "
                 f"model: {model} | hash3d: {hash3d}")
@@ -197,48 +236,94 @@ def _load_stage1_result(out: OutputFolder, name: str, device) -> tuple[PreparedI
     return prepared, gaussians
 
 
-def run_image(image_path: str | Path, ctx: RunContext, output_root: str | Path = "logs",
+def check_input_kind(source, cfg: RunConfig) -> None:
+    """An image needs the Zero-1-to-3 guidance, a prompt the Stable Diffusion one (one line)."""
+    if isinstance(source, TextPrompt) and cfg.guidance.type != "sd":
+        raise ConfigError(f"a prompt needs the Stable Diffusion guidance, but guidance.type is "
+                          f"{cfg.guidance.type!r}: use --config text.yaml (or guidance.type=sd)")
+    if not isinstance(source, TextPrompt) and cfg.guidance.type == "sd":
+        raise ConfigError("an image needs the Zero-1-to-3 guidance, but guidance.type is 'sd' (text to 3D): "
+                          "pass --prompt, or use --config image.yaml for an image")
+    if isinstance(source, TextPrompt) and not cfg.guidance.lambda_zero123 > 0:
+        raise ConfigError("a prompt run needs its guidance (guidance.lambda_zero123 > 0): a prompt has no "
+                          "reference view to fit")
+
+
+def _load_stage1_gaussians(out: OutputFolder, name: str, device):
+    """The Gaussians of an earlier stage-1 run of a prompt (copied into the new folder)."""
+    ply = out.final_path(f"{name}_gaussians.ply")
+    if not ply.is_file():
+        raise InputError(f"no stage-1 result for '{name}' in {out.final}: run with --stage 1 or "
+                         f"--stage all first (expected {ply.name})")
+    try:
+        gaussians = load_ply(ply, device=device)
+    except Exception as exc:  # a damaged PLY of ours: say which file
+        raise InputError(f"cannot read {ply}: {exc}: rerun stage 1") from None
+    shutil.copy2(ply, out.path(ply.name))  # the folder is replaced whole
+    return gaussians
+
+
+def run_image(image_path: str | Path | TextPrompt, ctx: RunContext, output_root: str | Path = "logs",
               name: str | None = None, stage: str = "all", progress_callback=None) -> dict:
-    """Run the product on one image; returns the report (also written as <name>_report.json).
+    """Run the product on one image or one prompt; returns the report (also written as
+    <name>_report.json).
+
+    ``image_path``: an image file, or a ``TextPrompt`` (text to 3D with ``guidance.type=sd``:
+    no preprocess, no reference view; the training camera at (elevation, azimuth 0, radius)
+    faces +z, which is the export's front; the report holds ``prompt`` and ``negative_prompt``).
 
     ``progress_callback``, if given, receives one dict per event: ``{"stage": "preprocess",
-    "rgba": [H, W, 4] float array}`` once the input is prepared, each stage iteration (see
+    "rgba": [H, W, 4] float array}`` once an image input is prepared, each stage iteration (see
     ``run_stage1``), and ``{"stage": "mesh"}`` / ``{"stage": "export"}`` as those phases start.
     """
     notify = progress_callback or (lambda event: None)
     cfg = ctx.cfg
-    image_path = Path(image_path)
-    name = name or image_name(image_path)
+    check_input_kind(image_path, cfg)
+    prompt = image_path if isinstance(image_path, TextPrompt) else None
+    if prompt is None:
+        image_path = Path(image_path)
+    name = name or (prompt.slug if prompt is not None else image_name(image_path))
     t_start = time.perf_counter()
-    report: dict = {"name": name, "input": str(image_path), "stage": stage,
+    report: dict = {"name": name, "input": str(image_path) if prompt is None else "prompt", "stage": stage,
                     "config": cfg.to_dict(), "device": str(ctx.device),
                     "dtype": str(ctx.dtype).replace("torch.", ""),
                     "backends": {"gaussian": ctx.gaussian_backend, "mesh": ctx.mesh_backend},
                     "model": cfg.guidance.model if ctx.needs_guidance else None,
                     "hash3d": {"mode": cfg.hash3d.mode, **{k: v for k, v in cfg.to_dict()["hash3d"].items() if k != "mode"}},
                     "versions": _versions()}
+    if prompt is not None:
+        report.update(prompt=prompt.text, negative_prompt=cfg.guidance.negative_prompt)
     with OutputFolder(output_root, name) as out:
-        # 1. Preprocess (or reuse a stage-1 result).
+        # 1. Preprocess (or reuse a stage-1 result); a prompt has neither image nor preprocess.
         t0 = time.perf_counter()
-        if stage == "2":
-            log.info(f"[{name}] loading the stage-1 result")
-            prepared, gaussians = _load_stage1_result(out, name, ctx.device)
-            for fname in (f"{name}_gaussians.ply", f"{name}_rgba.png"):  # the folder is replaced whole
-                shutil.copy2(out.final_path(fname), out.path(fname))
+        if prompt is not None:
+            gaussians = _load_stage1_gaussians(out, name, ctx.device) if stage == "2" else None
+            ref = ReferenceView.camera_only(cfg.elevation, cfg.radius, cfg.fovy, cfg.stage1.ref_size, ctx.device)
         else:
-            log.info(f"[{name}] preprocess")
-            prepared = prepare_image(image_path, size=cfg.stage1.ref_size, matting=cfg.matting)
-            gaussians = None
-            save_image_atomic(out.path(f"{name}_rgba.png"), prepared.rgba)
-        report["preprocess"] = {"seconds": round(time.perf_counter() - t0, 3),
-                                "had_alpha": prepared.had_alpha, "matting": prepared.matting}
-        notify({"stage": "preprocess", "rgba": prepared.rgba})
-        ref = ReferenceView.from_rgba(prepared.rgba, cfg.elevation, cfg.radius, cfg.fovy,
-                                      cfg.stage1.ref_size, ctx.device)
+            if stage == "2":
+                log.info(f"[{name}] loading the stage-1 result")
+                prepared, gaussians = _load_stage1_result(out, name, ctx.device)
+                for fname in (f"{name}_gaussians.ply", f"{name}_rgba.png"):  # the folder is replaced whole
+                    shutil.copy2(out.final_path(fname), out.path(fname))
+            else:
+                log.info(f"[{name}] preprocess")
+                prepared = prepare_image(image_path, size=cfg.stage1.ref_size, matting=cfg.matting)
+                gaussians = None
+                save_image_atomic(out.path(f"{name}_rgba.png"), prepared.rgba)
+            report["preprocess"] = {"seconds": round(time.perf_counter() - t0, 3),
+                                    "had_alpha": prepared.had_alpha, "matting": prepared.matting}
+            notify({"stage": "preprocess", "rgba": prepared.rgba})
+            ref = ReferenceView.from_rgba(prepared.rgba, cfg.elevation, cfg.radius, cfg.fovy,
+                                          cfg.stage1.ref_size, ctx.device)
         guidance = ctx.guidance_for_image()
         if guidance is not None:
-            report["model_family"] = guidance.components.family
-            guidance.set_reference(ref.image_nchw(), cfg.elevation)
+            report["model_family"] = guidance.family
+            if prompt is not None:
+                guidance.set_reference(None, cfg.elevation)
+                guidance.set_prompt(prompt.text, cfg.guidance.negative_prompt)
+                report["prompt_truncated"] = bool(guidance.truncated)
+            else:
+                guidance.set_reference(ref.image_nchw(), cfg.elevation)
 
         # 2. Stage 1: Gaussians.
         if stage in ("all", "1"):
@@ -269,7 +354,7 @@ def run_image(image_path: str | Path, ctx: RunContext, output_root: str | Path =
                                   PREVIEW_ELEVATION, cfg.radius, size, cfg.fovy, ctx.mesh_backend)
             if o.save_video:
                 write_turntable(frames, out.path(f"{name}_turntable.mp4"))
-            reference = (np.clip(ref.rgb.cpu().numpy(), 0, 1) * 255).round().astype(np.uint8)
+            reference = (np.clip(ref.rgb.cpu().numpy(), 0, 1) * 255).round().astype(np.uint8) if ref.has_image else None
             contact_sheet(mesh, out.path(f"{name}_views.png"), o.contact_sheet_views, cfg.radius,
                           size, cfg.fovy, ctx.mesh_backend, reference=reference)
             report["export"] = {"seconds": round(time.perf_counter() - t0, 3)}
@@ -288,7 +373,7 @@ def run_image(image_path: str | Path, ctx: RunContext, output_root: str | Path =
 class ImageResult:
     """What became of one input of a folder run."""
 
-    image: Path
+    image: Path | TextPrompt  # the input: an image file or a prompt
     name: str
     status: str  # "ok" | "failed" | "not run"
     error: str = ""  # the one-line error of a failed input
@@ -314,13 +399,13 @@ def iter_images(images: list[Path], ctx: RunContext, output_root: str | Path = "
     ``RunInterrupted``) propagates: the inputs yielded so far are complete on disk.
     """
     from hash3d_dg.errors import DivergenceError, OutputError, UserError
-    from hash3d_dg.names import check_name, output_names
+    from hash3d_dg.output.names import check_name, output_names
 
     # Every name checked before any work (a bad or shared name fails the call, not one input).
     names = [check_name(n, output_root) for n in names] if names else output_names(images, output_root)
     stop_reason = ""
     for image, name in zip(images, names):
-        image = Path(image)
+        image = image if isinstance(image, TextPrompt) else Path(image)
         if stop_reason:
             yield ImageResult(image, name, "not run", stop_reason)
             continue

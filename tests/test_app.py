@@ -1,6 +1,6 @@
 """The web app, driven as people and scripts drive it.
 
-One server (``python -m hash3d_dg.app --config configs/smoke.yaml`` on a free loopback port)
+One server (``python -m hash3d_dg.apps.web --config configs/smoke.yaml`` on a free loopback port)
 serves every test here. A real headless Chromium (Debian's ``chromium`` + ``chromium-driver``,
 through Selenium) uploads ``data/ball.png``, waits for the result, checks that the 3D viewer's
 canvas shows a model and that the GLB download button gives a valid GLB; a text file renamed
@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hash3d_dg import app
+from hash3d_dg.apps import web as app
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -59,7 +59,8 @@ def server(tmp_path_factory):
            "GRADIO_ANALYTICS_ENABLED": "False"}
     log_path = root / "server.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "hash3d_dg.app", "--config", "configs/smoke.yaml",
+        proc = subprocess.Popen([sys.executable, "-m", "hash3d_dg.apps.web", "--config", "configs/smoke.yaml",
+                                 "--text-config", "configs/text_smoke.yaml",
                                  "--port", str(port), "--output", str(output)],
                                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
@@ -201,7 +202,7 @@ def test_browser_upload_ball_shows_model_and_downloads_glb(server, browser, tmp_
 
 
 def test_browser_text_file_named_png_shows_one_line_error(server, browser, tmp_path, capsys):
-    from hash3d_dg import cli
+    from hash3d_dg.apps import cli
 
     driver, _ = browser
     bad = tmp_path / "notes.png"
@@ -250,6 +251,26 @@ def test_api_generate_honours_options_and_reports_progress(server, tmp_path):
     assert stage1, f"no stage-1 progress seen in {descriptions[:10]}"
     assert all(1 <= index <= 12 and length == 12 for _, index, length in stage1 if index is not None)
     assert all(", loss " in desc for desc, _, _ in stage1)
+
+
+def test_api_generate_from_a_prompt(server, tmp_path):
+    """The prompt box: the same endpoint, a prompt instead of a photo, the text config's model."""
+    from gradio_client import Client, handle_file
+
+    client = Client(server["url"], verbose=False, download_files=str(tmp_path))
+    outputs = client.predict(None, "paper", 2, 1, 0.0, 5, True, "a ceramic mug with a blue glaze", "blurry",
+                             api_name="/generate")
+    check_glb(Path(outputs[0]))
+    assert outputs[1] is None  # no preprocessed input for a prompt
+    report = json.loads(Path(outputs[6]).read_text())
+    assert report["prompt"] == "a ceramic mug with a blue glaze" and report["negative_prompt"] == "blurry"
+    assert report["config"]["guidance"]["type"] == "sd" and report["config"]["seed"] == 5
+    assert report["name"].startswith("a-ceramic-mug-with-a-blue-glaze-") and report["hash3d"]["mode"] == "paper"
+    with pytest.raises(Exception, match="not both"):
+        client.predict(handle_file(str(REPO / "data" / "box.png")), "paper", 2, 1, 0.0, 5, True, "a mug", "",
+                       api_name="/generate")
+    with pytest.raises(Exception, match="empty"):
+        client.predict(None, "paper", 2, 1, 0.0, 5, True, "   ", "", api_name="/generate")
 
 
 def test_app_bad_config_is_one_line(capsys):

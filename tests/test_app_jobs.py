@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from hash3d_dg import cli
-from hash3d_dg.app import JobRunner, progress_text
+from hash3d_dg.apps import cli
+from hash3d_dg.apps.web import JobRunner, progress_text
 from hash3d_dg.errors import ConfigError
 
 
@@ -58,7 +58,7 @@ def test_hash3d_dg_app_subcommand_reaches_the_app(capsys):
                                           ("-rf.png", "rf-"), (".hidden.png", "hidden-"), ("a\nb.png", "a-b-"),
                                           ("x" * 240 + ".png", "x" * 64 + "-"), ("???\t.png", "photo-")])
 def test_job_names_are_usable_output_names(runner, photo, start, tmp_path):
-    from hash3d_dg.names import name_problem
+    from hash3d_dg.output.names import name_problem
 
     name = runner.job_name(tmp_path / photo)
     assert name.startswith(start) and name_problem(name, runner.output_root) is None, name

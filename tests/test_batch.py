@@ -13,7 +13,7 @@ import trimesh
 
 from hash3d_dg.config import load_config
 from hash3d_dg.gaussians import load_ply
-from hash3d_dg.outputs import OutputFolder
+from hash3d_dg.output.folder import OutputFolder
 from hash3d_dg.pipeline import RunContext, run_image, run_images
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hash3d_dg.cache import CachedDenoiser, CacheKey, Hash3DCache, Hash3DConfig, UNetSplit
+from hash3d_dg.cache import CachedDenoiser, CacheKey, Hash3DCache, Hash3DConfig
+from hash3d_dg.guidance.unet_split import UNetSplit
 from hash3d_dg.cache.blend import blend_features, query_distances
 from hash3d_dg.config import build_config
 from hash3d_dg.errors import ConfigError

@@ -4,7 +4,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from hash3d_dg.cache import CacheKey, CachedDenoiser, Hash3DCache, Hash3DConfig, SplitDenoiser, UNetSplit
+from hash3d_dg.cache import CacheKey, CachedDenoiser, Hash3DCache, Hash3DConfig, SplitDenoiser
+from hash3d_dg.guidance.unet_split import UNetSplit
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 import trimesh
 from PIL import Image
 
-from hash3d_dg.cli import main
+from hash3d_dg.apps.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
@@ -202,7 +202,7 @@ HEAVY = ("diffusers", "transformers", "trimesh")
     (["--image", "data/ball.png", "--name", "../escape", "--output", "logs/never-made"], 2),
 ])
 def test_help_and_config_errors_import_no_model_library(argv, code):
-    script = ("import json, sys\nfrom hash3d_dg.cli import main\n"
+    script = ("import json, sys\nfrom hash3d_dg.apps.cli import main\n"
               f"try:\n    code = main({argv!r})\nexcept SystemExit as exc:\n    code = exc.code\n"
               f"print(json.dumps([code, [m for m in {HEAVY!r} if m in sys.modules]]), file=sys.stderr)\n")
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,

@@ -50,7 +50,9 @@ def test_torch_mesh_rasterizer_on_cuda_matches_cpu():
     outs = {}
     for device in ("cpu", "cuda"):
         m = mesh.to(device)
-        tex = texture.to(device).requires_grad_()
+        # a fresh leaf per device: on the CPU ``.to("cpu")`` returns ``texture`` itself, so
+        # ``requires_grad_()`` on it would make the CUDA copy a non-leaf without ``.grad``
+        tex = texture.detach().to(device).clone().requires_grad_()
         o = rasterize_mesh(m, cam, backend="torch", background=torch.ones(3, device=device),
                            albedo=tex, antialias=True)
         o.rgb.sum().backward()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from hash3d_dg import doctor
+from hash3d_dg.apps import doctor
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED_NAMES = {
@@ -82,7 +82,7 @@ def test_main_prints_one_line_per_item(capsys):
 def test_python_dash_m_json_output_and_no_rembg_import():
     # -X importtime lists every module imported, on stderr.
     result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "hash3d_dg.doctor", "--json"],
+        [sys.executable, "-X", "importtime", "-m", "hash3d_dg.apps.doctor", "--json"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr[-2000:]

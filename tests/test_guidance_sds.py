@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from hash3d_dg.cache import CachedDenoiser, CacheKey, Hash3DCache, Hash3DConfig, UNetSplit
+from hash3d_dg.cache import CachedDenoiser, CacheKey, Hash3DCache, Hash3DConfig
+from hash3d_dg.guidance.unet_split import UNetSplit
 from hash3d_dg.guidance import Zero123Guidance, load_zero123, write_tiny_checkpoint
 
 IMAGE_SIZE = 64  # latent 8 x 8
@@ -297,3 +298,25 @@ def test_guidance_interface_and_reset_equal_a_fresh_guidance(components, referen
     used.set_reference(reference, -10.0)
     a, b = work(used), work(fresh(7))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("stage2, interval, full, shallow", [
+    ("trajectory", 4, 3, 7),   # 10 DDIM steps: full at steps 0, 4, 8 of the trajectory
+    ("none", 4, 10, 0),        # every step full, the table untouched
+    ("cache", 4, None, None),  # through the table (counts depend on retrieval)
+])
+def test_refine_runs_under_the_stage2_reuse_policy(components, reference, stage2, interval, full, shallow):
+    """The stage-2 reuse policy (``hash3d.stage2``) is applied inside ``refine``: the stages
+    call ``refine`` alone and get DeepCache-style trajectory reuse, no reuse, or the table."""
+    cfg = Hash3DConfig.preset("paper", eta=1.0, stage2=stage2, trajectory_interval=interval)
+    g = Zero123Guidance(components, denoiser=CachedDenoiser(UNetSplit(components.unet), Hash3DCache(cfg, seed=0)),
+                        image_size=IMAGE_SIZE, hash3d=cfg)
+    g.set_reference(reference, -10.0)
+    images = torch.rand(1, 3, 48, 48, generator=torch.Generator().manual_seed(2))
+    g.refine(images, [5.0], [30.0], [0.0], strength=0.8, steps=50)  # 10 DDIM steps
+    unet, cache = g.stats()["unet"], g.stats()["cache"]
+    if full is None:
+        assert cache["attempts"] == 10 and unet["full_calls"] + unet["shallow_calls"] == 10
+    else:
+        assert (unet["full_calls"], unet["shallow_calls"]) == (full, shallow)
+        assert cache["attempts"] == 0 and cache["inserts"] == 0

@@ -137,7 +137,7 @@ def test_pipeline_builds_the_tiny_vae_for_fast_mode(tmp_path, monkeypatch):
     fast = build_config({"guidance": {"model": "builtin:tiny"}, "hash3d": {"mode": "fast"}})
     guidance = build_guidance(fast, torch.device("cpu"), torch.float32)
     assert isinstance(guidance.latent_vae, AutoencoderTiny)
-    from hash3d_dg.cache import UNetSplit
+    from hash3d_dg.guidance.unet_split import UNetSplit
 
     unet = guidance.components.unet
     assert guidance.denoiser.model.cache_point == UNetSplit(unet, fast.hash3d.cache_point).cache_point

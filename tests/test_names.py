@@ -1,4 +1,4 @@
-"""Output names (hash3d_dg.names): one folder name that stays inside the output root and that the
+"""Output names (hash3d_dg.output.names): one folder name that stays inside the output root and that the
 root's file system can hold with every file and staging name derived from it; and a commit that
 fails on an OS error removes its staging folder and leaves the earlier result as it was."""
 
@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from hash3d_dg import outputs
-from hash3d_dg.atomic import atomic_path
+from hash3d_dg.output import folder as outputs
+from hash3d_dg.output.atomic import atomic_path
 from hash3d_dg.errors import ConfigError, OutputError
 from hash3d_dg.mesh.export import _atomic_write
-from hash3d_dg.names import (FILE_SUFFIXES, OVERHEAD, check_name, derived_names, max_name_bytes, name_max,
+from hash3d_dg.output.names import (FILE_SUFFIXES, OVERHEAD, check_name, derived_names, max_name_bytes, name_max,
                              name_problem, output_names, slugify)
-from hash3d_dg.outputs import OutputFolder
+from hash3d_dg.output.folder import OutputFolder
 
 
 def tree(folder: Path) -> dict:

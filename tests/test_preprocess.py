@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from hash3d_dg import preprocess
-from hash3d_dg.atomic import atomic_path, save_image_atomic, write_json_atomic
+from hash3d_dg.preprocess import framing
+from hash3d_dg.output.atomic import atomic_path, save_image_atomic, write_json_atomic
 from hash3d_dg.errors import ConfigError, InputError, UserError
 from hash3d_dg.preprocess import (
     composite_white,
@@ -284,7 +285,7 @@ def test_premultiplied_resampling_leaves_no_dark_fringe():
     # The same resampling on straight (non-premultiplied) colour does produce the fringe, so
     # the check above can fail.
     box = (0.0, 0.0, 150.0, 150.0)
-    straight = np.stack([preprocess._resample_channel(rgba[..., c], box, 64) for c in range(4)], axis=2)
+    straight = np.stack([framing._resample_channel(rgba[..., c], box, 64) for c in range(4)], axis=2)
     assert composite_white(np.clip(straight, 0, 1)).min() < 0.9
 
 

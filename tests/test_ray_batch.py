@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from hash3d_dg import cli
-from hash3d_dg.batch_ray import REPORT_NAME, complete_report
+from hash3d_dg.apps import cli
+from hash3d_dg.apps.ray_batch import REPORT_NAME, complete_report
 
 REPO = Path(__file__).resolve().parent.parent
 STARTED = re.compile(r"^\[(?P<name>[^\]]+)\] started on (?P<worker>\S+) \(pid (?P<pid>\d+), attempt (?P<attempt>\d+)\)")
@@ -171,3 +171,62 @@ def test_unusable_or_shared_names_are_refused_before_ray_starts(files, expected,
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert rc == 2 and len(err) == 1 and expected in err[0], err
     assert not output.exists()
+
+
+class _FakeRay:
+    """Just enough of Ray for the pool's actor options."""
+
+    def __init__(self):
+        self.options = None
+
+    def remote(self, cls):
+        fake = self
+
+        class Remote:
+            def options(self, **kwargs):
+                fake.options = kwargs
+                return self
+
+            def remote(self, *args):
+                class Actor:
+                    class info:
+                        @staticmethod
+                        def remote():
+                            return object()
+                return Actor()
+        return Remote()
+
+
+@pytest.mark.parametrize("use_gpu, per_gpu, expected", [(True, 0.25, 0.25), (True, 1.0, 1.0),
+                                                        (False, 0.25, 0)])
+def test_workers_reserve_a_fraction_of_a_gpu(use_gpu, per_gpu, expected):
+    from hash3d_dg.apps.ray_batch import _Pool
+
+    ray = _FakeRay()
+    pool = _Pool(ray, 4, use_gpu, (), per_gpu)
+    assert ray.options["num_gpus"] == expected and len(pool.starting) == 4
+
+
+def test_gpus_per_worker_must_be_a_fraction_or_whole(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    code = cli.main(["--image", str(tmp_path / "in"), "--ray", "--ray-gpus-per-worker", "1.5",
+                     "--output", str(tmp_path / "out"), "--config", str(REPO / "configs/smoke.yaml")])
+    assert code != 0 and "--ray-gpus-per-worker" in capsys.readouterr().err
+
+
+def test_prompts_file_on_ray(local_ray, tmp_path):
+    """Text to 3D on Ray: a prompts file, the same run_image per prompt, slugs as names."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a ceramic mug\na red apple\n", encoding="utf-8")
+    output = tmp_path / "out"
+    rc = cli.main(["--prompts", str(prompts), "--config", "configs/text_smoke.yaml", "--output", str(output),
+                   "--negative-prompt", "blurry", "--ray", "--ray-workers", "1",
+                   "stage1.iters=1", "stage2.iters=1", "mesh.resolution=32", "output.save_video=false"])
+    assert rc == 0
+    report = json.loads((output / REPORT_NAME).read_text())
+    rows = {row["name"]: row for row in report["images"]}
+    assert set(rows) == {"a-ceramic-mug", "a-red-apple"} and report["counts"]["done"] == 2
+    assert rows["a-red-apple"]["prompt"] == "a red apple"
+    own = json.loads((output / "a-red-apple" / "a-red-apple_report.json").read_text())
+    assert own["prompt"] == "a red apple" and own["negative_prompt"] == "blurry"
+    assert_glb(output / "a-ceramic-mug" / "a-ceramic-mug.glb")

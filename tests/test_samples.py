@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hash3d_dg import samples
+from hash3d_dg.eval import samples
 from hash3d_dg.preprocess import prepare_image, remove_background
-from hash3d_dg.samples import SAMPLE_NAMES, render_sample, write_samples
+from hash3d_dg.eval.samples import SAMPLE_NAMES, render_sample, write_samples
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 SIZE = 64
@@ -101,7 +101,7 @@ def test_write_samples(tmp_path):
 def test_committed_data_files_match_the_renderer(name):
     path = DATA / f"{name}.png"
     if not path.exists():
-        pytest.skip(f"{path} not generated (python -m hash3d_dg.samples data)")
+        pytest.skip(f"{path} not generated (python -m hash3d_dg.eval.samples data)")
     assert path.stat().st_size < 100_000
     with Image.open(path) as image:
         pixels = np.asarray(image)

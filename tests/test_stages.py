@@ -11,7 +11,7 @@ from hash3d_dg.config import TINY_MODEL, build_config
 from hash3d_dg.gaussians import GaussianModel
 from hash3d_dg.mesh import extract_mesh
 from hash3d_dg.pipeline import build_guidance
-from hash3d_dg.samples import render_sample
+from hash3d_dg.eval.samples import render_sample
 from hash3d_dg.stages import ReferenceView, run_stage1, run_stage2
 from hash3d_dg.bench.harness import standin_mesh
 

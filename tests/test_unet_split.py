@@ -5,7 +5,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from hash3d_dg.cache import UNetSplit, UnsupportedUNetError
+from hash3d_dg.guidance.unet_split import UNetSplit, UnsupportedUNetError
 
 CROSS_LAST = dict(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))

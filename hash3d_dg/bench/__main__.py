@@ -1,16 +1,50 @@
-"""Benchmarks: ``python -m hash3d_dg.bench {flops,cache-exactness,staleness,macs,breakdown,speed,mesh-phase,oracle,pareto,gpu} [--json]``."""
+"""Measurements: ``python -m hash3d_dg.bench COMMAND [--json]``.
+
+One registry (``COMMANDS``) names every sub-command, the module that implements it and its help
+line. A module provides ``add_arguments(parser)`` and ``run_from_args(args)``, which returns the
+result (a dict, printed as JSON with ``--json``, else as ``key: value`` lines) or an exit status.
+Cost and speed live in ``hash3d_dg.bench`` (what a run costs: MACs, seconds, memory, GPU);
+quality and correctness in ``hash3d_dg.eval`` (what a run is worth: the oracle, its Pareto front,
+staleness, exactness of the cache, backend conventions). A new benchmark is one module and one
+line here.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from importlib import import_module
+
+#: name -> (module, help). Order = the order ``--help`` lists them.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "flops": ("hash3d_dg.bench.flops", "GMACs of the real stable-zero123 (or, --task text, SD 2.1) UNet / VAE (meta device)"),
+    "macs": ("hash3d_dg.bench.macs", "TMACs of a whole run per hash3d mode (call counts from the real stage loops)"),
+    "breakdown": ("hash3d_dg.bench.breakdown", "whole-run cost per phase and mode: TMACs and CPU seconds side by side"),
+    "speed": ("hash3d_dg.bench.speed", "seconds per stage iteration, hash3d off vs each mode, side by side"),
+    "mesh-phase": ("hash3d_dg.bench.mesh_phase", "mesh phase seconds per step and texture fidelity, today's settings vs the faster ones"),
+    "launches": ("hash3d_dg.bench.launches", "kernels, host syncs and uploads per steady-state stage "
+                 "iteration, counted on the CPU on the accelerator's code path (per Hash3D mode)"),
+    "batch-rss": ("hash3d_dg.bench.batch_rss", "resident memory after each image of a long smoke-config folder run"),
+    "gpu": ("hash3d_dg.bench.gpu", "CUDA only: prove and time the CUDA path in one command (tests, "
+            "backend parity, render timings, fp16 end-to-end runs)"),
+    "oracle": ("hash3d_dg.eval.oracle", "quality without weights: an oracle denoiser stands in for Zero-1-to-3"),
+    "pareto": ("hash3d_dg.eval.pareto", "oracle quality against UNet calls served shallow, per cache policy"),
+    "staleness": ("hash3d_dg.eval.staleness", "error of a reused deep feature per cache point (stable-zero123 architecture, random weights)"),
+    "cache-exactness": ("hash3d_dg.eval.exactness", "shallow cached path vs full forward on tiny UNets (--task text: SD 2.x)"),
+    "alpha-clamp": ("hash3d_dg.eval.alpha_clamp", "gsplat's 0.999 alpha cap against the reference 0.99 (CPU)"),
+    "radii-visibility": ("hash3d_dg.eval.radii_visibility", "how gsplat's radii rule would change densification statistics (CPU)"),
+}
+
+#: Commands that print their own report (``--json`` is theirs to honour).
+OWN_OUTPUT = {"gpu"}
 
 
 def _print(result: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, indent=2))
         return
+
     def walk(obj, prefix=""):
         if isinstance(obj, dict):
             for key, value in obj.items():
@@ -20,100 +54,41 @@ def _print(result: dict, as_json: bool) -> None:
     walk(result)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hash3d_dg.bench", description=__doc__)
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    parser = argparse.ArgumentParser(prog="python -m hash3d_dg.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    modules = {}
+    for name, (module_name, help_line) in COMMANDS.items():
+        module = import_module(module_name)
+        modules[name] = module
+        kwargs = {}
+        if name in OWN_OUTPUT:
+            kwargs = {"description": module.__doc__, "formatter_class": argparse.RawDescriptionHelpFormatter}
+        p = sub.add_parser(name, help=help_line, **kwargs)
+        module.add_arguments(p)
+        if name in OWN_OUTPUT:
+            p.add_argument("--json", action="store_true", help="print the JSON instead of the summary")
+        else:
+            p.add_argument("--json", action="store_true", help="print the result as JSON")
+    return parser, modules
 
-    p = sub.add_parser("flops", help="GMACs of the real stable-zero123 UNet / VAE (meta device)")
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--cache-point", default="paper", choices=["paper", "last_subblock", "last_block"])
-    p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("cache-exactness", help="shallow cached path vs full forward on tiny UNets")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
-
-    from hash3d_dg.bench import macs, speed
-
-    p = sub.add_parser("macs", help="TMACs of a whole run per hash3d mode (call counts from the real stage loops)")
-    macs.add_arguments(p)
-    p.add_argument("--json", action="store_true")
-
-    p = sub.add_parser("speed", help="seconds per stage iteration, hash3d off vs each mode, side by side")
-    speed.add_arguments(p)
-    p.add_argument("--json", action="store_true")
-
-    from hash3d_dg.bench import mesh_phase
-
-    p = sub.add_parser("mesh-phase", help="mesh phase seconds per step and texture fidelity, today's settings vs the faster ones")
-    mesh_phase.add_arguments(p)
-    p.add_argument("--json", action="store_true")
-
-    p = sub.add_parser("oracle", help="quality without weights: an oracle denoiser stands in for Zero-1-to-3")
-    try:
-        from hash3d_dg.bench import oracle
-    except ImportError:  # pragma: no cover - the harness module is part of the package
-        oracle = None
-    if oracle is not None:
-        oracle.add_arguments(p)
-    p.add_argument("--json", action="store_true")
-
-    from hash3d_dg.bench import gpu
-
-    p = sub.add_parser("gpu", help="CUDA only: prove and time the CUDA path in one command (tests, "
-                       "backend parity, render timings, fp16 end-to-end runs)",
-                       description=gpu.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    gpu.add_arguments(p)
-    p.add_argument("--json", action="store_true", help="print the JSON instead of the summary")
-
-    from hash3d_dg.bench import breakdown, pareto, staleness
-
-    p = sub.add_parser("staleness", help="error of a reused deep feature per cache point (stable-zero123 architecture, random weights)")
-    staleness.add_arguments(p)
-    p.add_argument("--json", action="store_true")
-
-    p = sub.add_parser("breakdown", help="whole-run cost per phase and mode: TMACs and CPU seconds side by side")
-    breakdown.add_arguments(p)
-    p.add_argument("--json", action="store_true")
-
-    p = sub.add_parser("pareto", help="oracle quality against UNet calls served shallow, per cache policy")
-    pareto.add_arguments(p)
-    p.add_argument("--json", action="store_true")
-
+def main(argv: list[str] | None = None) -> int:
+    parser, modules = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "gpu":
-        return gpu.run_bench(args)
-    from hash3d_dg.cli import configure_logging
+    module = modules[args.command]
+    if args.command in OWN_OUTPUT:
+        return module.run_from_args(args)
+    from hash3d_dg.apps.common import configure_logging
+    from hash3d_dg.errors import UserError
 
-    configure_logging(debug=False, stream=sys.stderr)  # stdout carries the JSON
-    if args.command == "flops":
-        from hash3d_dg.bench.flops import flops_report
-
-        result = flops_report(args.image_size, args.cache_point)
-    elif args.command == "cache-exactness":
-        from hash3d_dg.bench.exactness import exactness_report
-
-        result = exactness_report(args.seed)
-    elif args.command == "macs":
-        result = macs.run_from_args(args)
-    elif args.command == "speed":
-        result = speed.run_from_args(args)
-    elif args.command == "mesh-phase":
-        from hash3d_dg.errors import UserError
-
-        try:
-            result = mesh_phase.run_from_args(args)
-        except (UserError, ValueError, OSError) as exc:  # a bad --ply / --source: one line
-            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-            return 2
-    elif args.command == "staleness":
-        result = staleness.run_from_args(args)
-    elif args.command == "breakdown":
-        result = breakdown.run_from_args(args)
-    elif args.command == "pareto":
-        result = pareto.run_from_args(args)
-    else:
-        result = oracle.run_from_args(args)
+    configure_logging(debug=False, stream=sys.stderr)  # stdout carries the result
+    try:
+        result = module.run_from_args(args)
+    except UserError as exc:  # a bad option or input file: one line
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     _print(result, args.json)
     return 0
 

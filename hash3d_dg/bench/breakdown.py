@@ -144,8 +144,8 @@ def cpu_seconds(mode: str, iters: int = 60, iters_refine: int = 5, size: int = 6
     from hash3d_dg.mesh import export_glb, export_obj
     from hash3d_dg.pipeline import RunContext
     from hash3d_dg.preprocess import prepare_image
-    from hash3d_dg.previews import PREVIEW_ELEVATION, contact_sheet, render_views, write_turntable
-    from hash3d_dg.samples import render_sample
+    from hash3d_dg.output.previews import PREVIEW_ELEVATION, contact_sheet, render_views, write_turntable
+    from hash3d_dg.eval.samples import render_sample
     from hash3d_dg.stages import ReferenceView, extract_textured_mesh, run_stage1, run_stage2
 
     cfg = build_config({
@@ -179,8 +179,8 @@ def cpu_seconds(mode: str, iters: int = 60, iters_refine: int = 5, size: int = 6
         parts = _seconds_of(stats, {
             "render_forward": (("render", "gaussians"),),
             "vae_encode_forward": (("encode_images", "guidance/zero123"),),
-            "unet_full": (("full", "cache/unet_split"),),
-            "unet_shallow": (("shallow", "cache/unet_split"),),
+            "unet_full": (("full", "guidance/unet_split"),),
+            "unet_shallow": (("shallow", "guidance/unet_split"),),
             "optimizer": (("step", "torch/optim/adam"),),
             "densification": (("step_post_backward", "gaussians"), ("prune", "gaussians", "run_stage1")),
             "backward": (("backward", "torch/_tensor.py"),),
@@ -212,7 +212,7 @@ def cpu_seconds(mode: str, iters: int = 60, iters_refine: int = 5, size: int = 6
         out.update({f"stage2.{k}": v for k, v in _seconds_of(stats, {
             "render": (("render_supersampled", "stages"),),
             "encode": (("encode_images", "guidance/zero123"),),
-            "refine_unet": (("full", "cache/unet_split"), ("shallow", "cache/unet_split")),
+            "refine_unet": (("full", "guidance/unet_split"), ("shallow", "guidance/unet_split")),
             "decode": (("decode_latents", "guidance"),),
             "loss_backward_optimizer": (("backward", "torch/_tensor.py"), ("step", "torch/optim/adam"),
                                         ("mse_loss", "torch/nn/functional")),
@@ -238,12 +238,20 @@ def cpu_seconds(mode: str, iters: int = 60, iters_refine: int = 5, size: int = 6
 def breakdown_report(modes=("off", "paper", "official", "fast"), seconds_modes=("off", "fast"),
                      iters: int = 500, iters_refine: int = 50, seed: int = 0, macs: dict | None = None,
                      small_iters: int = 60, small_iters_refine: int = 5, small_size: int = 64,
-                     plot: str | None = None, repeats: int = 1) -> dict:
-    """The breakdown; ``macs``: a ``bench macs --json`` result to reuse (else computed)."""
+                     plot: str | None = None, repeats: int = 1, task: str = "image") -> dict:
+    """The breakdown; ``macs``: a ``bench macs --json`` result to reuse (else computed).
+    ``task="text"``: the MACs of a text run (SD 2.1 at 512 px, ``text_costs``); its CPU seconds
+    are not profiled here (``seconds_modes`` is ignored)."""
     from hash3d_dg.bench.macs import macs_report
 
-    if macs is None:
+    if macs is None and task == "text":
+        from hash3d_dg.bench.text_costs import text_macs_report
+
+        macs = text_macs_report(iters, iters_refine, seed, modes=tuple(modes))
+    elif macs is None:
         macs = macs_report(iters, iters_refine, seed, modes=tuple(modes))
+    if task == "text":
+        seconds_modes = ()
     tmacs = {m: macs_by_part(macs["modes"][m]) for m in modes if m in macs["modes"]}
     # Modes interleaved per repeat, each part's fastest kept: a shared machine's load then hits
     # every mode alike.
@@ -262,8 +270,9 @@ def breakdown_report(modes=("off", "paper", "official", "fast"), seconds_modes=(
         "cpu_seconds": {m: {"by_part": v, "total": round(sum(x for x in v.values() if x), 3),
                             "by_phase": _by_phase(v)} for m, v in seconds.items()},
         "settings": {
-            "tmacs": f"default run: {macs['iters']} + {macs['iters_refine']} iterations at 256 px guidance "
-                     "(bench macs); networks only",
+            "task": task,
+            "tmacs": f"default run: {macs['iters']} + {macs['iters_refine']} iterations at "
+                     f"{macs.get('image_size', 256)} px guidance (bench macs --task {task}); networks only",
             "cpu_seconds": (f"small real run: built-in tiny model, {small_iters} + {small_iters_refine} "
                             f"iterations, {small_size} px, one torch thread, cProfile per phase; "
                             f"modes interleaved, fastest of {max(1, repeats)} per part"),
@@ -345,6 +354,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--small-size", type=int, default=64)
     p.add_argument("--plot", default=None, help="write the stacked-bar chart (PNG) here")
     p.add_argument("--repeats", type=int, default=1, help="small runs per mode, interleaved; fastest kept")
+    p.add_argument("--task", default="image", choices=["image", "text"],
+                   help="text: the MACs of a text run (SD 2.1, 512 px); no CPU seconds (default: image)")
 
 
 def run_from_args(args) -> dict:
@@ -354,4 +365,4 @@ def run_from_args(args) -> dict:
     macs = json.loads(Path(args.macs_json).read_text()) if args.macs_json else None
     return breakdown_report(tuple(args.modes), tuple(args.seconds_modes), args.iters, args.iters_refine,
                             args.seed, macs, args.small_iters, args.small_iters_refine, args.small_size,
-                            args.plot, args.repeats)
+                            args.plot, args.repeats, args.task)

@@ -68,7 +68,7 @@ def unet_gmacs(image_size: int = 256, batch: int = 2) -> dict:
 @lru_cache(maxsize=16)
 def shallow_gmacs(point, image_size: int = 256, batch: int = 2) -> float:
     """Shallow-path GMACs of the stable-zero123 UNet at ``point`` (a name or a ``(u, s)`` tuple)."""
-    from hash3d_dg.cache import UNetSplit
+    from hash3d_dg.guidance.unet_split import UNetSplit
 
     unet = meta_unet()
     sample, timestep, context = unet_inputs(unet, batch, image_size // 8)
@@ -144,3 +144,18 @@ def flops_report(image_size: int = 256, cache_point: str = "paper") -> dict:
         "tiny_vae": "TAESD architecture (diffusers AutoencoderTiny, madebyollin/taesd config)",
         "counter": "torch.utils.flop_counter.FlopCounterMode on the meta device; GMACs = FLOPs / 2e9",
     }
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--task", default="image", choices=["image", "text"],
+                   help="image: stable-zero123 at 256 px; text: Stable Diffusion 2.1-base at 512 px (bench.text_costs)")
+    p.add_argument("--image-size", type=int, default=None, help="default: 256 (image), 512 (text)")
+    p.add_argument("--cache-point", default="paper", choices=list(CACHE_POINTS))
+
+
+def run_from_args(args) -> dict:
+    if args.task == "text":
+        from hash3d_dg.bench.text_costs import text_flops_report
+
+        return text_flops_report(args.image_size or 512, args.cache_point)
+    return flops_report(args.image_size or 256, args.cache_point)

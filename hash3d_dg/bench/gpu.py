@@ -17,9 +17,17 @@ reported and the next part still runs), inside one overall budget:
 5. timing: milliseconds per render, forward and forward+backward, and host syncs per call (CUDA
    sync debug mode), per backend: Gaussians torch / gsplat / inria, mesh torch / nvdiffrast.
 6. e2e-off, e2e-paper, e2e-fast: the product end to end (``run_image``) in fp16 on the random
-   full-size checkpoint: seconds per phase (stage 1, mesh, UV, bake, stage 2, export),
-   iterations per second, UNet calls, peak GPU memory. A mode the config does not offer (e.g.
-   ``fast`` before it exists) is reported as skipped.
+   full-size checkpoint (and a random full-size TAESD for ``fast``) at the product's default
+   iterations (``--iters``/``--iters-refine`` to change, ``--set KEY=VALUE`` for any override;
+   ``mesh.clean=basic`` without pymeshlab): seconds per phase (stage 1, mesh, UV, bake, stage 2,
+   export), iterations per second, GPU busy % per phase (nvidia-smi), the load time split into
+   imports / CUDA start / weights / graph capture, UNet calls, peak GPU memory.
+7. launches (CPU, overlapping the build): ``bench launches`` per mode; graphs: one CFG UNet call
+   eager against replayed from its CUDA graph at each cache point; concurrency: ``--concurrency``
+   end-to-end runs at once on the GPU (images per minute, as ``--ray-gpus-per-worker``).
+8. checkpoint-text (written beside the checkpoint part) and e2e-text-<mode> (``--text-modes``,
+   default paper): text to 3D end to end, a prompt through configs/text.yaml on a random
+   full-size Stable Diffusion 2.1 checkpoint (fp16, 512-px guidance), the same figures.
 
 Writes DIR/gpu_bench.json (everything, with versions and device name), DIR/gpu_bench.txt (a short
 summary) and DIR/logs/<part>.log; prints the JSON (``--json``) or the summary. Exit status: 0
@@ -42,8 +50,10 @@ GAUSSIAN_CUDA = ("gsplat", "inria")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Caps in seconds for each part (each also stops at the overall deadline).
-CAPS = {"build-gsplat": 330, "checkpoint": 240, "build-inria": 60, "build-nvdiffrast": 180,
-        "tests": 150, "compare": 90, "timing": 120, "e2e": 120}
+CAPS = {"build-gsplat": 330, "checkpoint": 240, "checkpoint-text": 240, "build-inria": 60,
+        "build-nvdiffrast": 180, "tests": 150, "compare": 90, "timing": 120, "e2e": 120,
+        "graphs": 60, "launches": 240, "concurrency": 120}
+TEXT_MODES = ("paper",)
 MIN_START = 20  # a part is skipped when less than this is left
 
 
@@ -58,13 +68,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "parts that do not fit are skipped and reported")
     p.add_argument("--modes", nargs="+", default=list(MODES),
                    help="hash3d modes of the end-to-end runs (default: off paper fast)")
-    p.add_argument("--iters", type=int, default=200,
-                   help="stage-1 iterations of each end-to-end run (product default 500)")
-    p.add_argument("--iters-refine", type=int, default=20,
-                   help="stage-2 iterations of each end-to-end run (product default 50)")
-    p.add_argument("--decimate-target", type=int, default=50_000,
-                   help="mesh.decimate_target of the end-to-end runs (product default 100000; "
-                        "xatlas time grows super-linearly with faces)")
+    p.add_argument("--text-modes", nargs="*", default=list(TEXT_MODES),
+                   help="hash3d modes of the text end-to-end runs (a prompt, configs/text.yaml, a random "
+                        "full-size SD 2.1 checkpoint; default: paper; none: no text runs)")
+    p.add_argument("--iters", type=int, default=0,
+                   help="stage-1 iterations of each end-to-end run (default 0: the product's, 500)")
+    p.add_argument("--iters-refine", type=int, default=0,
+                   help="stage-2 iterations of each end-to-end run (default 0: the product's, 50)")
+    p.add_argument("--decimate-target", type=int, default=0,
+                   help="mesh.decimate_target of the end-to-end runs (default 0: the product's)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every end-to-end run (e.g. guidance.cuda_graphs=off)")
+    p.add_argument("--concurrency", type=int, default=2,
+                   help="end-to-end runs (mode off) at once on the GPU for the throughput part "
+                        "(as --ray-gpus-per-worker 1/N; 0 skips it)")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"],
                    help="guidance.dtype of the end-to-end runs (default float16, the product's "
                         "CUDA default)")
@@ -72,8 +89,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="use this stable-zero123 checkpoint directory instead of writing random "
                         "full-size weights")
     p.add_argument("--skip", nargs="*", default=[],
-                   help="parts to skip: build-gsplat build-inria build-nvdiffrast tests compare "
-                        "timing e2e")
+                   help="parts to skip: build-gsplat build-inria build-nvdiffrast launches graphs "
+                        "e2e concurrency tests compare timing")
 
 
 def _child_env() -> dict:
@@ -155,7 +172,7 @@ def _log_tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def run_bench(args) -> int:
+def run_from_args(args) -> int:
     import torch
 
     if not torch.cuda.is_available():
@@ -174,12 +191,15 @@ def run_bench(args) -> int:
                      "machine": machine_info(), "parts": {}}
     skip = set(args.skip)
 
+    def cap_of(name: str) -> float:
+        return CAPS["e2e" if name.startswith("e2e") else name]
+
     def limit(name: str) -> float:
-        return min(CAPS["e2e" if name.startswith("e2e") else name], deadline - time.monotonic())
+        return min(cap_of(name), deadline - time.monotonic())
 
     def finish(name: str, run: dict) -> dict:
         entry = {**run, **_read_part(out, name)}
-        cap = CAPS["e2e" if name.startswith("e2e") else name]
+        cap = cap_of(name)
         if entry.get("skipped"):
             entry["status"] = "skipped"
         elif entry["status"] == "timeout" and entry["limit_s"] < cap - 1:
@@ -204,6 +224,17 @@ def run_bench(args) -> int:
     if want_e2e and not args.checkpoint:
         running.append(Part("checkpoint", _part_cmd("checkpoint", out, "--checkpoint", str(ckpt)),
                             out / "logs" / "checkpoint.log", limit("checkpoint"), env))
+    launches = None
+    if "launches" not in skip:  # CPU only: overlaps the build and the checkpoint
+        cpu_env = dict(env, CUDA_VISIBLE_DEVICES="")
+        launches = Part("launches", _part_cmd("launches", out), out / "logs" / "launches.log",
+                        limit("launches"), cpu_env)
+    else:
+        skipped("launches", "--skip")
+    text_ckpt = scratch_dir() / "random-stable-diffusion-2-1-base"
+    if want_e2e and args.text_modes:
+        running.append(Part("checkpoint-text", _part_cmd("checkpoint-text", out, "--checkpoint", str(text_ckpt)),
+                            out / "logs" / "checkpoint-text.log", limit("checkpoint-text"), env))
     for part in running:
         finish(part.name, part.wait())
     for backend in ("inria", "nvdiffrast"):
@@ -220,7 +251,47 @@ def run_bench(args) -> int:
     results["backends_built"] = built
     backends_arg = ["--backends", *built] if built else ["--backends"]
 
-    # 3. pytest -m cuda
+    ckpt_ok = args.checkpoint or results["parts"].get("checkpoint", {}).get("status") == "ok"
+    # graph against eager per UNet call, at each cache point
+    if "graphs" in skip or not want_e2e:
+        skipped("graphs", "--skip")
+    elif not ckpt_ok:
+        skipped("graphs", "no checkpoint (the checkpoint part failed)")
+    elif limit("graphs") < MIN_START:
+        skipped("graphs", "no time left in the budget")
+    else:
+        finish("graphs", run_command_part("graphs", _part_cmd("graphs", out, "--checkpoint", str(ckpt),
+                                                              "--dtype", args.dtype),
+                                          out / "logs" / "graphs.log", limit("graphs"), env))
+
+    # end to end, fp16, full-size random checkpoint, per mode; then several at once
+    for mode in args.modes:
+        name = f"e2e-{mode}"
+        if not want_e2e:
+            skipped(name, "--skip")
+        elif not ckpt_ok:
+            skipped(name, "no checkpoint (the checkpoint part failed)")
+        elif limit(name) < MIN_START:
+            skipped(name, "no time left in the budget")
+        else:
+            cmd = _part_cmd("e2e", out, "--mode", mode, "--checkpoint", str(ckpt),
+                            "--iters", str(args.iters), "--iters-refine", str(args.iters_refine),
+                            "--decimate-target", str(args.decimate_target),
+                            "--dtype", args.dtype, *backends_arg, "--set", *args.set)
+            finish(name, run_command_part(name, cmd, out / "logs" / f"{name}.log", limit(name), env))
+    if "concurrency" in skip or not want_e2e or args.concurrency < 1:
+        skipped("concurrency", "--skip")
+    elif not ckpt_ok:
+        skipped("concurrency", "no checkpoint (the checkpoint part failed)")
+    elif limit("concurrency") < MIN_START:
+        skipped("concurrency", "no time left in the budget")
+    else:
+        cmd = _part_cmd("concurrency", out, "--checkpoint", str(ckpt), "--workers",
+                        str(args.concurrency), "--dtype", args.dtype, *backends_arg, "--set", *args.set)
+        finish("concurrency", run_command_part("concurrency", cmd, out / "logs" / "concurrency.log",
+                                               limit("concurrency"), env))
+
+    # pytest -m cuda
     if "tests" in skip:
         skipped("tests", "--skip")
     elif limit("tests") < MIN_START:
@@ -241,18 +312,21 @@ def run_bench(args) -> int:
             finish(name, run_command_part(name, _part_cmd(name, out, *backends_arg),
                                           out / "logs" / f"{name}.log", limit(name), env))
 
-    # 6. end to end, fp16, full-size random checkpoint
-    ckpt_ok = args.checkpoint or results["parts"].get("checkpoint", {}).get("status") == "ok"
-    for mode in args.modes:
-        name = f"e2e-{mode}"
+    if launches is not None:
+        finish("launches", launches.wait())
+
+    # 7. text to 3D end to end, fp16, a random full-size SD 2.1 checkpoint
+    text_ok = results["parts"].get("checkpoint-text", {}).get("status") == "ok"
+    for mode in args.text_modes:
+        name = f"e2e-text-{mode}"
         if not want_e2e:
             skipped(name, "--skip")
-        elif not ckpt_ok:
-            skipped(name, "no checkpoint (the checkpoint part failed)")
+        elif not text_ok:
+            skipped(name, "no SD checkpoint (the checkpoint-text part failed)")
         elif limit(name) < MIN_START:
             skipped(name, "no time left in the budget")
         else:
-            cmd = _part_cmd("e2e", out, "--mode", mode, "--checkpoint", str(ckpt),
+            cmd = _part_cmd("e2e", out, "--task", "text", "--mode", mode, "--checkpoint", str(text_ckpt),
                             "--iters", str(args.iters), "--iters-refine", str(args.iters_refine),
                             "--decimate-target", str(args.decimate_target),
                             "--dtype", args.dtype, *backends_arg)
@@ -329,7 +403,8 @@ def summarize(results: dict) -> str:
         if "error" in row:
             lines.append(f"compare mesh {name}: error {row['error']}")
             continue
-        lines.append(f"compare mesh {name} vs torch: tri_id agree {_fmt(row['tri_agree'], 5)}, rgb "
+        lines.append(f"compare mesh {name} vs torch: tri_id agree {_fmt(row['tri_agree'], 5)} "
+                     f"({_fmt(row.get('tri_agree_snapped'), 5)} against the 1/16-px snapped mesh), rgb "
                      f"max {_fmt(row['rgb_max'])}, depth max {_fmt(row['depth_max'])}, texture "
                      f"grad cos {_fmt(row['grad_cos'], 4)}")
     if c.get("checks"):
@@ -360,6 +435,22 @@ def summarize(results: dict) -> str:
             f"({_fmt(p.get('stage2_it_per_s'))} it/s), export {_fmt(ph.get('export'))} s; total "
             f"{_fmt(p.get('total_s'))} s, peak {_fmt(p.get('peak_gpu_mem_gib'))} GiB, backends "
             f"{p.get('backends')}")
+    for mode, per in (parts.get("launches", {}).get("graphs") or {}).items():
+        cells = [f"{stage} {row.get('kernels_per_iter')} launches / {row.get('syncs_per_iter')} syncs / "
+                 f"{row.get('uploads_per_iter')} blocking uploads" for stage, row in per.items()]
+        lines.append(f"launches {mode} (per steady iteration, CPU count, graphs on): " + ", ".join(cells))
+    for point, row in (parts.get("graphs", {}).get("points") or {}).items():
+        lines.append(f"graphs {point}: full {row['full_eager_ms']} -> {row['full_graph_ms']} ms, shallow "
+                     f"{row['shallow_eager_ms']} -> {row['shallow_graph_ms']} ms (eager -> graph; max diff "
+                     f"{_fmt(row['full_max_abs_diff'])}, capture {row['capture_s']} s)")
+    for name, p in parts.items():
+        if name.startswith("e2e") and p.get("status") == "ok":
+            lines.append(f"{name} load {p.get('load_s')}, GPU busy % {p.get('gpu_busy_pct')}, "
+                         f"graphs {p.get('cuda_graphs')}")
+    cc = parts.get("concurrency", {})
+    if cc.get("status") == "ok":
+        lines.append(f"concurrency: {cc.get('workers')} runs at once in {cc.get('wall_s')} s = "
+                     f"{cc.get('images_per_min')} images/min (each {cc.get('per_run_total_s')} s)")
     fails = results.get("failures") or []
     lines.append("result: " + ("all checks passed" if not fails else "FAILED: " + "; ".join(fails)))
     return "\n".join(lines)

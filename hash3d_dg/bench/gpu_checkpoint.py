@@ -75,3 +75,46 @@ def write_random_checkpoint(path: str | Path, arch: str = "full", seed: int = 0,
                 feature_extractor_config(clip_size))
     _write_json(root / "model_index.json", model_index())
     return root
+
+
+def write_random_sd_checkpoint(path: str | Path, arch: str = "full", seed: int = 0,
+                               device: str | torch.device = "cpu") -> Path:
+    """Write a random-weight Stable Diffusion checkpoint in the layout of
+    ``stabilityai/stable-diffusion-2-1-base`` (fp16 ``*.fp16.safetensors``) at ``path``.
+
+    ``full``: SD 2.1's UNet (~865 M), SD VAE (~84 M) and 23-layer OpenCLIP ViT-H text tower
+    (~340 M, vocabulary 49408); ``tiny``: the test checkpoint's sizes. The tokenizer is the tiny
+    CLIP BPE of ``guidance.tiny_sd`` (the real 49408-token vocabulary cannot be downloaded
+    here; its ids all fall inside the full tower's vocabulary). The global RNG state is left
+    untouched.
+    """
+    from diffusers import AutoencoderKL as _AutoencoderKL
+    from transformers import CLIPTextModel
+
+    from hash3d_dg.guidance import tiny_sd
+
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    if arch == "tiny":
+        return tiny_sd.write_tiny_sd_checkpoint(path, seed=seed)
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            parts = {"unet": UNet2DConditionModel(**tiny_sd.sd21_unet_config()),
+                     "vae": _AutoencoderKL(**tiny_sd.sd21_vae_config()),
+                     "text_encoder": CLIPTextModel(tiny_sd.sd21_text_encoder_config())}
+    for name, module in parts.items():
+        module.to("cpu", torch.float16).save_pretrained(root / name, safe_serialization=True, variant="fp16")
+        del module
+    parts.clear()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    tiny_sd.write_tiny_clip_tokenizer(root / "tokenizer")
+    _write_json(root / "scheduler" / "scheduler_config.json",
+                dict(tiny_sd.sd_scheduler_config(), _class_name="PNDMScheduler"))
+    _write_json(root / "feature_extractor" / "preprocessor_config.json", feature_extractor_config(224))
+    _write_json(root / "model_index.json", tiny_sd.sd_model_index())
+    return root

@@ -21,7 +21,7 @@ UNET_SIZES = {
 
 def sample_reference(size: int, cfg: RunConfig, device):
     """The 'ball' sample as a ReferenceView of ``size`` pixels."""
-    from hash3d_dg.samples import render_sample
+    from hash3d_dg.eval.samples import render_sample
     from hash3d_dg.stages import ReferenceView
 
     return ReferenceView.from_rgba(render_sample("ball", size), cfg.elevation, cfg.radius, cfg.fovy,
@@ -49,7 +49,8 @@ def sized_guidance(cfg: RunConfig, device, dtype, unet_size: str = "tiny", vae_s
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from hash3d_dg.cache import CachedDenoiser, Hash3DCache, UNetSplit
+    from hash3d_dg.cache import CachedDenoiser, Hash3DCache
+    from hash3d_dg.guidance.unet_split import UNetSplit
     from hash3d_dg.guidance import CLIPCameraProjection, Zero123Guidance, load_zero123
     from hash3d_dg.guidance.loading import resolve_vae_kind
     from hash3d_dg.guidance.tiny import (stable_zero123_unet_config, stable_zero123_vae_config,

@@ -71,6 +71,23 @@ def mode_settings(mode: str, cache_point=None, vae: str = "auto", **hash3d_overr
     return (cache_point or preset.cache_point), resolve_vae_kind(vae, mode)
 
 
+def run_tmacs(per_call: dict, calls: dict) -> dict:
+    """Whole-run TMACs of one mode from GMACs per call kind and the stage loops' call counts:
+    stage 1 = SDS calls x (encoder forward + backward) + UNet full / shallow calls; stage 2 =
+    refine calls x (encoder forward + decoder) + UNet full / shallow calls."""
+    c1, c2 = calls["stage1"], calls["stage2"]
+    s1 = (c1["sds_calls"] * (per_call["vae_encode_forward"] + per_call["vae_encode_backward"])
+          + c1["unet_full_calls"] * per_call["unet_full_cfg_pair"]
+          + c1["unet_shallow_calls"] * per_call["unet_shallow_cfg_pair"])
+    s2 = (c2["refine_calls"] * (per_call["vae_encode_forward"] + per_call["vae_decode"])
+          + c2["unet_full_calls"] * per_call["unet_full_cfg_pair"]
+          + c2["unet_shallow_calls"] * per_call["unet_shallow_cfg_pair"])
+    unet_only = ((c1["unet_full_calls"] + c2["unet_full_calls"]) * per_call["unet_full_cfg_pair"]
+                 + (c1["unet_shallow_calls"] + c2["unet_shallow_calls"]) * per_call["unet_shallow_cfg_pair"])
+    return {"stage1_tmacs": round(s1 / 1e3, 3), "stage2_tmacs": round(s2 / 1e3, 3),
+            "total_tmacs": round((s1 + s2) / 1e3, 3), "unet_tmacs": round(unet_only / 1e3, 3)}
+
+
 def macs_report(iters: int = 500, iters_refine: int = 50, seed: int = 0, image_size: int = 256,
                 cache_point=None, modes=MODES, vae: str = "auto") -> dict:
     """Whole-run TMACs per mode: GMACs per call (real architectures, meta device) times the call
@@ -86,21 +103,10 @@ def macs_report(iters: int = 500, iters_refine: int = 50, seed: int = 0, image_s
         per_call = per_call_gmacs(image_size, point, vae_kind)
         calls = count_calls(mode, iters, iters_refine, seed,
                             **({"cache_point": point} if mode != "off" else {}))
-        c1, c2 = calls["stage1"], calls["stage2"]
-        s1 = (c1["sds_calls"] * (per_call["vae_encode_forward"] + per_call["vae_encode_backward"])
-              + c1["unet_full_calls"] * per_call["unet_full_cfg_pair"]
-              + c1["unet_shallow_calls"] * per_call["unet_shallow_cfg_pair"])
-        s2 = (c2["refine_calls"] * (per_call["vae_encode_forward"] + per_call["vae_decode"])
-              + c2["unet_full_calls"] * per_call["unet_full_cfg_pair"]
-              + c2["unet_shallow_calls"] * per_call["unet_shallow_cfg_pair"])
-        unet_only = ((c1["unet_full_calls"] + c2["unet_full_calls"]) * per_call["unet_full_cfg_pair"]
-                     + (c1["unet_shallow_calls"] + c2["unet_shallow_calls"]) * per_call["unet_shallow_cfg_pair"])
-        out["modes"][mode] = {"stage1_tmacs": round(s1 / 1e3, 3), "stage2_tmacs": round(s2 / 1e3, 3),
-                              "total_tmacs": round((s1 + s2) / 1e3, 3),
-                              "unet_tmacs": round(unet_only / 1e3, 3),
-                              "cache_point": point if mode != "off" else None, "vae": vae_kind,
-                              "gmacs_per_call": {k: round(v, 3) for k, v in per_call.items()},
-                              "calls": calls}
+        entry = run_tmacs(per_call, calls)
+        entry.update(cache_point=point if mode != "off" else None, vae=vae_kind,
+                     gmacs_per_call={k: round(v, 3) for k, v in per_call.items()}, calls=calls)
+        out["modes"][mode] = entry
     off = out["modes"].get("off")
     for mode, entry in out["modes"].items():
         if off:
@@ -133,8 +139,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", default="auto", choices=["auto", "full", "tiny"],
                    help="guidance.vae for every mode (default auto: tiny for fast, full otherwise)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--task", default="image", choices=["image", "text"],
+                   help="image: stable-zero123 at 256 px; text: Stable Diffusion 2.1 at 512 px (default: image)")
 
 
 def run_from_args(args) -> dict:
+    if getattr(args, "task", "image") == "text":
+        from hash3d_dg.bench.text_costs import text_macs_report
+
+        return text_macs_report(args.iters, args.iters_refine, args.seed, args.cache_point,
+                                tuple(args.modes), args.vae)
     return macs_report(args.iters, args.iters_refine, args.seed, 256, args.cache_point,
                        tuple(args.modes), args.vae)

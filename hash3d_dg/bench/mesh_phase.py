@@ -59,7 +59,7 @@ def fit_gaussians(source: str, iters: int, size: int, seed: int = 0):
     """A short stage-1 fit: ``source`` is ``oracle`` (the oracle object, with the oracle
     guidance, as in ``bench oracle``) or the path of an RGBA image (reference view only).
     Returns the Gaussians and the input elevation."""
-    from hash3d_dg.bench.oracle import (SCHEDULER_CONFIG, OracleDenoiser, OracleGuidance,
+    from hash3d_dg.eval.oracle import (SCHEDULER_CONFIG, OracleDenoiser, OracleGuidance,
                                         OracleScene)
     from hash3d_dg.cache import CachedDenoiser
     from hash3d_dg.config import build_config
@@ -210,8 +210,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> dict:
+    from hash3d_dg.errors import InputError
+
     torch.set_num_threads(int(args.threads))
-    gaussians, elevation = load_or_fit(args.source, args.ply, args.fit_iters, args.fit_size)
+    try:
+        gaussians, elevation = load_or_fit(args.source, args.ply, args.fit_iters, args.fit_size)
+    except (ValueError, OSError) as exc:  # a bad --ply / --source: one line
+        raise InputError(" ".join(str(exc).split())) from None
     report = mesh_phase_report(gaussians, elevation, {k: PRESETS[k] for k in args.presets},
                                args.eval_size, source=args.source if not args.ply else args.ply,
                                repeat=args.repeat)

@@ -12,7 +12,7 @@ import torch
 
 from hash3d_dg.bench.harness import (bench_config, describe_machine, run_stages, sample_reference,
                                      sized_guidance, standin_mesh)
-from hash3d_dg.cache import UNetSplit
+from hash3d_dg.guidance.unet_split import UNetSplit
 
 MODES = ("off", "paper", "official", "fast")
 

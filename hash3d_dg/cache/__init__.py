@@ -1,9 +1,9 @@
-"""Hash3D: a model-agnostic feature cache keyed by (camera, timestep) grid cells, and a UNet
-wrapper that splits the denoiser into a cached deep part and a recomputed shallow part.
+"""Hash3D: a model-agnostic feature cache keyed by (camera, timestep) grid cells, and the
+denoiser call that serves views from it (any ``SplitDenoiser``; the diffusers UNet adapter is
+``hash3d_dg.guidance.unet_split``).
 
 The names are imported on first use (PEP 562): ``hash3d_dg.cache.config`` needs only the standard
-library, so reading a run config (``--help``, a config error) does not import diffusers, which the
-UNet wrapper does.
+library, so reading a run config (``--help``, a config error) does not import torch.
 """
 
 from importlib import import_module
@@ -13,7 +13,6 @@ _WHERE = {
     "CachedDenoiser": "denoiser", "SplitDenoiser": "denoiser", "UNetCallStats": "denoiser",
     "CacheKey": "grid", "GridSpec": "grid", "bucket_index": "grid",
     "CacheStats": "table", "Hash3DCache": "table", "make_cache": "table",
-    "UNetSplit": "unet_split", "UnsupportedUNetError": "unet_split",
 }
 
 __all__ = sorted(_WHERE)

@@ -66,6 +66,11 @@ def blend_features(query: torch.Tensor, stored_queries: torch.Tensor, stored_fea
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """Cosine similarity of two tensors flattened to vectors (0 for a zero vector)."""
+    return float(cosine_tensor(a, b))
+
+
+def cosine_tensor(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``cosine`` as a 0-d tensor on ``a``'s device (no host read)."""
     dt = _work_dtype(a)
-    return float(F.cosine_similarity(a.reshape(-1).to(dt), b.reshape(-1).to(device=a.device, dtype=dt),
-                                     dim=0, eps=1e-12))
+    return F.cosine_similarity(a.reshape(-1).to(dt), b.reshape(-1).to(device=a.device, dtype=dt),
+                               dim=0, eps=1e-12)

@@ -180,15 +180,13 @@ class Hash3DConfig:
             bad(f"gamma must lie in [0, 1), got {self.gamma!r}")
         if not isinstance(self.memory_budget_bytes, int) or self.memory_budget_bytes <= 0:
             bad(f"memory_budget_bytes must be a positive integer, got {self.memory_budget_bytes!r}")
-        point = self.cache_point
-        if isinstance(point, str):
-            if point not in CACHE_POINTS:
-                bad(f"cache_point must be one of {', '.join(CACHE_POINTS)} or [up_block, pair], got {point!r}")
-        elif (not isinstance(point, (list, tuple)) or len(point) != 2
-              or not all(isinstance(v, int) and not isinstance(v, bool) for v in point)):
-            bad(f"cache_point must be one of {', '.join(CACHE_POINTS)} or [up_block, pair] (two integers), got {point!r}")
-        else:
-            self.cache_point = [int(v) for v in point]
+        try:
+            point = resolve_cache_point(self.cache_point)
+        except ValueError:
+            bad(f"cache_point must be one of {', '.join(CACHE_POINTS)} or [up_block, pair] (two integers), "
+                f"got {self.cache_point!r}")
+        if not isinstance(self.cache_point, str):
+            self.cache_point = list(point)
         if self.stage2 not in STAGE2_MODES:
             bad(f"stage2 must be one of {', '.join(STAGE2_MODES)}, got {self.stage2!r}")
         if not isinstance(self.trajectory_interval, int) or self.trajectory_interval < 1:

@@ -97,6 +97,18 @@ class CachedDenoiser:
     def reset_stats(self) -> None:
         self.stats = UNetCallStats()
 
+    def _rows(self, n_copies: int, n_views: int, views: list[int], device) -> Tensor:
+        """Sample rows of ``views`` (all copies), on ``device``; uploaded once per pattern
+        (a call then uploads nothing: the views and copies are host values)."""
+        key = (n_copies, n_views, tuple(views), str(device))
+        cache = self.__dict__.setdefault("_row_index", {})
+        if key not in cache:
+            from hash3d_dg.accel import upload
+
+            cache[key] = upload([c * n_views + i for c in range(n_copies) for i in views],
+                                device, torch.long)
+        return cache[key]
+
     @contextmanager
     def no_reuse(self) -> Iterator["CachedDenoiser"]:
         """Inside the context every call runs fully and the table is neither read nor written."""
@@ -202,11 +214,18 @@ class CachedDenoiser:
         hit_views = [i for i in range(n_views) if i in hit_features]
 
         def rows_of(views: list[int]) -> Tensor:
-            return torch.tensor([c * n_views + i for c in range(n_copies) for i in views],
-                                dtype=torch.long, device=sample.device)
+            return self._rows(n_copies, n_views, views, sample.device)
 
         outputs: list[Tensor] = []
         order: list[Tensor] = []
+        if full_views and not hit_views:  # every row, in order: no gather
+            out_f, feat_f = self.model.full(sample, timestep, context)
+            feat_f = feat_f.detach()
+            for j, i in enumerate(full_views):
+                cache.insert(keys[i], view_query(i), feat_f[j::n_views])
+            self.stats.full_calls += n_views
+            self.last_shallow = [False] * n_views
+            return out_f
         if full_views:
             rows = rows_of(full_views)
             out_f, feat_f = self.model.full(sample.index_select(0, rows),

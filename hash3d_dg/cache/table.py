@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from hash3d_dg.cache.blend import blend_features, cosine
+from hash3d_dg.cache.blend import blend_features, cosine, cosine_tensor
 from hash3d_dg.cache.config import Hash3DConfig
 from hash3d_dg.cache.grid import CacheKey, Cell, GridSpec, bucket_index
 
@@ -64,9 +64,22 @@ class CellQueue:
 
     entries: deque = field(default_factory=deque)
     similarity: float | None = None
+    #: the same running similarity kept on the device (float64, 0-d) by a device-resident
+    #: cache; ``similarity`` then stays None until ``Hash3DCache.similarity`` reads it.
+    device_similarity: torch.Tensor | None = None
 
     def update_similarity(self, mean_cos: float, gamma: float) -> None:
         self.similarity = mean_cos if self.similarity is None else gamma * self.similarity + (1 - gamma) * mean_cos
+
+    def update_device_similarity(self, mean_cos: torch.Tensor, gamma: float) -> None:
+        """``update_similarity`` on the device: the same float64 arithmetic, no host read."""
+        s = self.device_similarity
+        self.device_similarity = mean_cos if s is None else gamma * s + (1 - gamma) * mean_cos
+
+    @property
+    def measured(self) -> bool:
+        """Whether the running similarity has been initialised (a host fact)."""
+        return self.similarity is not None or self.device_similarity is not None
 
 
 class GridTable:
@@ -192,7 +205,7 @@ class Hash3DCache:
         seed: seed of the generator behind ``should_retrieve``.
     """
 
-    def __init__(self, cfg: Hash3DConfig, seed: int = 0):
+    def __init__(self, cfg: Hash3DConfig, seed: int = 0, device_resident: bool | None = None):
         cfg.validate()
         if not cfg.enabled:
             raise ValueError("Hash3D mode 'off' has no cache: use make_cache(cfg), which returns None for it")
@@ -204,7 +217,36 @@ class Hash3DCache:
         self._rng = random.Random(seed)
         self._registry: OrderedDict[int, CacheEntry] = OrderedDict()  # oldest first
         self._seq = 0
-        self.stats = CacheStats(hits_by_grid=[0] * len(self.tables))
+        self._stats = CacheStats(hits_by_grid=[0] * len(self.tables))
+        #: keep the adaptive similarity on the device and choose among measured grids there (no
+        #: host read per insert or retrieval); None: decided by the first insert's device
+        #: (``accel.is_accelerator``). The CPU path keeps host floats (the reference).
+        self.device_resident = device_resident
+        #: grid hits chosen on the device: {candidate grids: one-hot counts}, folded on read
+        self._pending_grid_hits: dict[tuple[int, ...], torch.Tensor] = {}
+        self._device_choice: list | None = None  # set by _best_of for retrieve
+
+    @property
+    def stats(self) -> CacheStats:
+        """The counters (grid hits chosen on the device are read back here, once per read)."""
+        if self._pending_grid_hits:
+            pending, self._pending_grid_hits = self._pending_grid_hits, {}
+            for grids, counts in pending.items():
+                for m, n in zip(grids, counts.tolist()):
+                    self._stats.hits_by_grid[m] += int(n)
+        return self._stats
+
+    @stats.setter
+    def stats(self, value: CacheStats) -> None:
+        self._stats = value
+        self._pending_grid_hits = {}
+
+    def _resident(self, like: torch.Tensor) -> bool:
+        if self.device_resident is None:
+            from hash3d_dg.accel import is_accelerator
+
+            self.device_resident = is_accelerator(like.device)
+        return bool(self.device_resident)
 
     # -- the retrieve-or-update decision ------------------------------------------------------
     def should_retrieve(self) -> bool:
@@ -229,6 +271,7 @@ class Hash3DCache:
         as ``(grid, entries, gated)``; grid -1 when none is usable."""
         best: tuple[tuple, int, list[CacheEntry]] | None = None
         gated = False
+        measured: list[tuple[int, CellQueue, list[CacheEntry]]] = []
         for m, (table, cell) in enumerate(zip(self.tables, cells)):
             if cell is None:
                 continue
@@ -239,10 +282,18 @@ class Hash3DCache:
             gated = gated or was_gated
             if not entries:
                 continue
+            if queue.device_similarity is not None:
+                measured.append((m, queue, entries))
+                continue
             s = queue.similarity
             rank = (s is not None, s if s is not None else 0.0, -m)
             if best is None or rank > best[0]:
                 best = (rank, m, entries)
+        if measured:  # device-resident: measured cells outrank unmeasured ones
+            if len(measured) == 1:
+                return measured[0][0], measured[0][2], gated
+            self._device_choice = measured  # several: the device picks (retrieve)
+            return measured[0][0], measured[0][2], gated
         return (-1, [], gated) if best is None else (best[1], best[2], gated)
 
     def choose(self, key: CacheKey, query: torch.Tensor) -> tuple[int, list[CacheEntry], bool, bool] | None:
@@ -255,6 +306,7 @@ class Hash3DCache:
         ``F > 0``, the cells ``(i, j, k, l -/+ d)`` of the same camera cell for ``d = 1..F``,
         ``l - d`` before ``l + d``, each ranked across grids the same way.
         """
+        self._device_choice = None
         own = [table.spec.cell(key) for table in self.tables]
         m, entries, gated = self._best_of(own, key, query)
         if m >= 0:
@@ -287,32 +339,48 @@ class Hash3DCache:
             The blended feature ``[*F]`` (in the stored dtype, on the stored device) and the index
             of the grid that served it; None when the cell is empty in every grid.
         """
-        self.stats.attempts += 1
+        self._stats.attempts += 1
         chosen = self.choose(key, query)
         if chosen is None or chosen[0] < 0:
-            self.stats.misses += 1
+            self._stats.misses += 1
             if chosen is not None:
-                self.stats.gated += 1
+                self._stats.gated += 1
             return None
         m, entries, from_fallback, _ = chosen
+        candidates, self._device_choice = self._device_choice, None
         if from_fallback:
-            self.stats.fallback_hits += 1
+            self._stats.fallback_hits += 1
+        self._stats.hits += 1
+        if candidates:  # several measured grids: blend each, pick the most similar on the device
+            blends = torch.stack([self._blend(query, e) for _, _, e in candidates])
+            sims = torch.stack([q.device_similarity for _, q, _ in candidates])
+            pick = torch.argmax(sims)  # the first of equals: the finer grid, as on the host
+            grids = tuple(c[0] for c in candidates)
+            hit = (torch.arange(len(grids), device=sims.device) == pick).long()  # no checks read
+            pending = self._pending_grid_hits
+            pending[grids] = hit if grids not in pending else pending[grids] + hit
+            return blends.index_select(0, pick.reshape(1))[0], -1  # a gather, not an int index
+        self._stats.hits_by_grid[m] += 1
+        return self._blend(query, entries), m
+
+    def _blend(self, query: torch.Tensor, entries: list[CacheEntry]) -> torch.Tensor:
         feats = [e.feature for e in entries]
         if any(f.shape != feats[0].shape for f in feats):
             raise ValueError("entries of one cell have features of different shapes: "
                              "clear the cache when the model or the batch layout changes")
         queries = torch.stack([e.query for e in entries])
         blended = blend_features(query, queries, torch.stack(feats), self.cfg.distance)
-        self.stats.hits += 1
-        self.stats.hits_by_grid[m] += 1
-        return blended.to(feats[0].dtype), m
+        return blended.to(feats[0].dtype)
 
     def similarity(self, key: CacheKey) -> list[float | None]:
         """Running similarity of ``key``'s cell in each grid (None: empty or never measured)."""
         out: list[float | None] = []
         for table in self.tables:
             q = table.queue(key)
-            out.append(None if q is None else q.similarity)
+            if q is not None and q.device_similarity is not None:  # a host read
+                out.append(float(q.device_similarity))
+            else:
+                out.append(None if q is None else q.similarity)
         return out
 
     # -- updates -------------------------------------------------------------------------------
@@ -328,20 +396,33 @@ class Hash3DCache:
         v = _stored_copy(feature, self._store_dtype)
         nbytes = q.numel() * q.element_size() + v.numel() * v.element_size()
         if nbytes > self.cfg.memory_budget_bytes:
-            self.stats.rejected += 1
+            self._stats.rejected += 1
             log.warning("Hash3D entry of %d bytes exceeds the memory budget of %d bytes; not stored",
                         nbytes, self.cfg.memory_budget_bytes)
             return
         entry = CacheEntry(seq=self._seq, key=key, query=q, feature=v, nbytes=nbytes)
         self._seq += 1
         self._registry[entry.seq] = entry
-        self.stats.inserts += 1
-        self.stats.bytes += nbytes
+        self._stats.inserts += 1
+        self._stats.bytes += nbytes
 
         cos_memo: dict[int, float] = {}
+        resident = self.adaptive and self._resident(v)
         for m, table in enumerate(self.tables):
             queue = table.queue_for_insert(key)
-            if self.adaptive:
+            if resident:
+                older = [e for e in queue.entries if e.feature.shape == v.shape]
+                if older:
+                    sims = []
+                    for e in older:
+                        if e.seq not in cos_memo:
+                            cos_memo[e.seq] = cosine_tensor(v, e.feature).double()
+                        sims.append(cos_memo[e.seq])
+                    total = sims[0]
+                    for x in sims[1:]:  # left to right, as Python's sum on the host
+                        total = total + x
+                    queue.update_device_similarity(total / len(sims), self.cfg.gamma)
+            elif self.adaptive:
                 older = [e for e in queue.entries if e.feature.shape == v.shape]
                 if older:
                     sims = []
@@ -355,17 +436,17 @@ class Hash3DCache:
                 old.grids.discard(m)
                 if not old.grids:
                     self._drop(old)
-        while self.stats.bytes > self.cfg.memory_budget_bytes:
+        while self._stats.bytes > self.cfg.memory_budget_bytes:
             oldest = next(iter(self._registry.values()))
             self._evict(oldest)
-            self.stats.budget_evictions += 1
-        self.stats.entries = len(self._registry)
+            self._stats.budget_evictions += 1
+        self._stats.entries = len(self._registry)
 
     def _drop(self, entry: CacheEntry) -> None:
         """Forget an entry no grid references any more."""
         del self._registry[entry.seq]
-        self.stats.bytes -= entry.nbytes
-        self.stats.evictions += 1
+        self._stats.bytes -= entry.nbytes
+        self._stats.evictions += 1
 
     def _evict(self, entry: CacheEntry) -> None:
         """Remove an entry from every grid that references it, then forget it."""
@@ -388,9 +469,9 @@ class Hash3DCache:
         if reset_stats:
             self.stats = CacheStats(hits_by_grid=[0] * len(self.tables))
         else:
-            self.stats.evictions += dropped
-            self.stats.entries = 0
-            self.stats.bytes = 0
+            self._stats.evictions += dropped
+            self._stats.entries = 0
+            self._stats.bytes = 0
 
 
 def view_angle_deg(a: CacheKey, b: CacheKey) -> float:

@@ -164,7 +164,7 @@ def camera_tokens(context: torch.Tensor) -> torch.Tensor:
 def object_meshes(n_extra: int = EXTRA_OBJECTS, texture_size: int = 256) -> list:
     """The oracle scene's mesh and ``n_extra`` procedural variants (stretched, turned about +y,
     colours permuted / hue-mirrored), deterministic."""
-    from hash3d_dg.bench.oracle_scene import build_scene_mesh
+    from hash3d_dg.eval.oracle_scene import build_scene_mesh
     from hash3d_dg.mesh import Mesh
 
     base = build_scene_mesh(texture_size=texture_size)
@@ -195,7 +195,7 @@ def object_meshes(n_extra: int = EXTRA_OBJECTS, texture_size: int = 256) -> list
 def render_view(mesh, elevation: float, azimuth: float, radius: float = RADIUS,
                 size: int = IMAGE_SIZE, ssaa: int = 2) -> torch.Tensor:
     """``[3, S, S]`` in [-1, 1] over white."""
-    from hash3d_dg.bench.oracle_scene import render_mesh_rgba
+    from hash3d_dg.eval.oracle_scene import render_mesh_rgba
     from hash3d_dg.camera import Camera
 
     camera = Camera.orbit(float(elevation), float(azimuth), float(radius), width=size, fovy=FOVY)

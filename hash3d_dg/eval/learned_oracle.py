@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from hash3d_dg.cache.unet_split import UNetSplit
+from hash3d_dg.guidance.unet_split import UNetSplit
 from hash3d_dg.eval import learned as L
 
 JUDGES = ("analytic", "learned", "random")

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
+import os
+import sys
 
 import torch
 from torch import Tensor
@@ -20,6 +23,48 @@ from hash3d_dg.gaussians.render_result import GaussianRender
 
 BACKENDS = ("torch", "gsplat", "inria")
 
+log = logging.getLogger(__name__)
+
+
+def gsplat_op_path() -> str | None:
+    """Where gsplat's JIT build puts its CUDA op (``torch_extensions/<py>_<cu>/gsplat_cuda/
+    gsplat_cuda.so``, as ``torch.utils.cpp_extension`` names it), whether built or not; None
+    without a CUDA build of torch. Nothing is created."""
+    if torch.version.cuda is None:
+        return None
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        py = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+        root = os.path.join(get_default_build_root(), f"{py}_cu{torch.version.cuda.replace('.', '')}")
+    return os.path.join(root, "gsplat_cuda", "gsplat_cuda.so")
+
+
+def gsplat_op_state() -> str:
+    """``prebuilt`` (a wheel with ``gsplat.csrc``), ``built`` (the JIT build exists) or
+    ``not built`` (the first use compiles it: a minute or two)."""
+    if importlib.util.find_spec("gsplat.csrc") is not None:
+        return "prebuilt"
+    path = gsplat_op_path()
+    return "built" if path is not None and os.path.exists(path) else "not built"
+
+
+def _load_built_gsplat_op() -> None:
+    """Load gsplat's JIT-built op directly as ``gsplat.csrc`` before gsplat's backend imports:
+    gsplat would otherwise re-hash every source file of the build at each start (seconds)."""
+    if "gsplat.csrc" in sys.modules or "gsplat.cuda._backend" in sys.modules:
+        return
+    if gsplat_op_state() != "built":
+        return
+    try:
+        spec = importlib.util.spec_from_file_location("gsplat_cuda", gsplat_op_path())
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["gsplat.csrc"] = module
+    except Exception as exc:  # noqa: BLE001 - gsplat's own loader decides then
+        log.debug("gsplat's built op did not load directly (%s); gsplat's loader will", exc)
+
 
 @functools.lru_cache(maxsize=None)
 def _gsplat_status() -> bool | str:
@@ -28,6 +73,10 @@ def _gsplat_status() -> bool | str:
         return "gsplat is not installed"
     if not torch.cuda.is_available():
         return "needs CUDA"
+    _load_built_gsplat_op()
+    if gsplat_op_state() == "not built":
+        log.warning("gsplat's CUDA op is not built yet: compiling it now takes a minute or two "
+                    "(once per machine)")
     try:
         from gsplat.cuda._backend import _C  # may JIT-compile the op (minutes, first time)
     except Exception as exc:  # noqa: BLE001 - any failure means unusable
@@ -87,6 +136,13 @@ def available_gaussian_backends(device: torch.device | str = "cpu",
     return {name: gaussian_backend_status(name, device, probe_cuda) for name in BACKENDS}
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_torch_fallback(reason: str) -> None:
+    """One line per reason and process: a CUDA run on the torch rasteriser is ~70x slower."""
+    log.warning("CUDA run on the torch Gaussian rasteriser (%s): each render is ~70x slower than "
+                "gsplat's (pip install gsplat, with nvcc to build its op)", reason)
+
+
 def resolve_gaussian_backend(name: str, device: torch.device | str) -> str:
     """Map a requested backend (``auto``, ``torch``, ``gsplat``, ``inria``) to a usable one.
 
@@ -95,8 +151,12 @@ def resolve_gaussian_backend(name: str, device: torch.device | str) -> str:
     """
     device = torch.device(device)
     if name == "auto":
-        if device.type == "cuda" and gaussian_backend_status("gsplat", device) is True:
+        if device.type != "cuda":
+            return "torch"
+        status = gaussian_backend_status("gsplat", device)
+        if status is True:
             return "gsplat"
+        _warn_torch_fallback(str(status))
         return "torch"
     status = gaussian_backend_status(name, device)  # raises for an unknown name
     if status is not True:
@@ -129,8 +189,7 @@ def rasterize_gaussians(means: Tensor, quats: Tensor, scales: Tensor, opacities:
     """
     device, dtype = means.device, means.dtype
     chosen = resolve_gaussian_backend(backend, device)
-    viewmat = camera.viewmat(device=device, dtype=dtype)
-    K = camera.K(device=device, dtype=dtype)
+    viewmat, K = camera.viewmat_and_K(device=device, dtype=dtype)  # one upload
     background = background.to(device=device, dtype=dtype)
     width, height = int(camera.width), int(camera.height)
     near, far = float(camera.near), float(camera.far)

@@ -118,6 +118,15 @@ class Densifier:
     denom: Tensor | None = field(default=None, init=False, repr=False)
     max_radii: Tensor | None = field(default=None, init=False, repr=False)
 
+    @classmethod
+    def from_config(cls, s1, generator: torch.Generator | None = None) -> "Densifier":
+        """The strategy of a run's ``stage1`` config section (its documented ``densify_*``,
+        ``density_*``, ``percent_dense`` and ``opacity_reset_interval`` settings)."""
+        return cls(grad_threshold=s1.densify_grad_threshold, percent_dense=s1.percent_dense,
+                   start_iter=s1.density_start_iter, end_iter=s1.density_end_iter,
+                   interval=s1.densification_interval,
+                   opacity_reset_interval=s1.opacity_reset_interval, generator=generator)
+
     # ------------------------------------------------------------------ statistics
     def reset_stats(self, model: GaussianModel) -> None:
         """Zero the accumulated statistics (sized to the model)."""
@@ -143,14 +152,26 @@ class Densifier:
                                "that used this render")
         if grad.shape[0] != model.num_points:
             raise ValueError(f"render has {grad.shape[0]} Gaussians, model {model.num_points}")
+        # Over all Gaussians with torch.where (no boolean indexing: no host sync on a GPU);
+        # bitwise what adding at the visible ones gives.
         visible = render.radii > 0
-        to_ndc = torch.tensor([render.width / 2.0, render.height / 2.0], device=grad.device,
-                              dtype=grad.dtype)
-        norms = (grad[visible] * to_ndc).norm(dim=-1).to(self.grad_accum.dtype)
-        self.grad_accum[visible] += norms
-        self.denom[visible] += 1
-        self.max_radii[visible] = torch.maximum(self.max_radii[visible],
-                                                render.radii[visible].to(self.max_radii.dtype))
+        to_ndc = self._to_ndc(render.width, render.height, grad)
+        norms = (grad * to_ndc).norm(dim=-1).to(self.grad_accum.dtype)
+        self.grad_accum += torch.where(visible, norms, torch.zeros_like(norms))
+        self.denom += visible.to(self.denom.dtype)
+        self.max_radii = torch.where(
+            visible, torch.maximum(self.max_radii, render.radii.to(self.max_radii.dtype)),
+            self.max_radii)
+
+    def _to_ndc(self, width: int, height: int, like: Tensor) -> Tensor:
+        """``[W/2, H/2]`` on ``like``'s device, uploaded once per size."""
+        key = (float(width), float(height), like.device, like.dtype)
+        cache = self.__dict__.setdefault("_ndc_scales", {})
+        if key not in cache:
+            from hash3d_dg.accel import upload
+
+            cache[key] = upload([width / 2.0, height / 2.0], like.device, like.dtype)
+        return cache[key]
 
     # ------------------------------------------------------------------ schedule
     def step_post_backward(self, model: GaussianModel, optimizer: torch.optim.Optimizer,

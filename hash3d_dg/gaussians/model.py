@@ -247,11 +247,14 @@ class GaussianModel(nn.Module):
         return out.to(points.device)
 
     # ------------------------------------------------------------------ optimisation
-    def make_optimizer(self, lrs: Mapping[str, float] | None = None) -> torch.optim.Adam:
+    def make_optimizer(self, lrs: Mapping[str, float] | None = None,
+                       fused: bool = False) -> torch.optim.Adam:
         """Adam with one named param group per parameter key (3DGS: ``lr=0``, ``eps=1e-15``).
 
         ``lrs`` maps every key of ``params`` to its learning rate (default ``DEFAULT_LRS``);
         the ``means`` rate is meant to follow ``position_lr`` (set it with ``set_group_lr``).
+        ``fused``: Adam's fused kernel (one launch per step, no host reads; the CUDA default of
+        ``stage1.fused_adam=auto``).
         """
         lrs = dict(DEFAULT_LRS if lrs is None else lrs)
         unknown, missing = set(lrs) - set(PARAM_KEYS), set(PARAM_KEYS) - set(lrs)
@@ -260,7 +263,7 @@ class GaussianModel(nn.Module):
                              f"missing {sorted(missing)}")
         groups = [{"params": [self.params[k]], "lr": float(lrs[k]), "name": k}
                   for k in PARAM_KEYS]
-        return torch.optim.Adam(groups, lr=0.0, eps=1e-15)
+        return torch.optim.Adam(groups, lr=0.0, eps=1e-15, **({"fused": True} if fused else {}))
 
     def rotation_matrices(self) -> Tensor:
         """[N, 3, 3] rotation matrices of the Gaussians."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hash3d_dg.atomic import atomic_path
+from hash3d_dg.output.atomic import atomic_path
 from hash3d_dg.gaussians.model import GaussianModel
 
 log = logging.getLogger(__name__)

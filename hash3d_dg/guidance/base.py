@@ -189,15 +189,18 @@ class ScoreDistillation:
         if not 0.0 <= strength < 1.0:
             raise ValueError(f"strength must be in [0, 1), got {strength}")
         scheduler = self.make_refine_scheduler(int(steps))
-        timesteps = scheduler.timesteps[int(steps * strength):]
+        # The DDIM timesteps as host ints (the scheduler keeps them on the host): iterating a
+        # device tensor would read each one back, a host sync per denoising step.
+        timesteps = [int(t) for t in scheduler.timesteps.tolist()][int(steps * strength):]
         x = self.encode(images).float()
         noise = self.draw_noise(x)
-        x = scheduler.add_noise(x, noise, timesteps[:1].expand(x.shape[0]))
+        start = torch.full((x.shape[0],), timesteps[0], dtype=torch.long, device=x.device)
+        x = scheduler.add_noise(x, noise, start)
         condition = self.condition(d_elevation, d_azimuth, d_radius, x.shape[0])
         with self._refine_reuse():
             for t in timesteps:
-                eps = self.predict(x, int(t), condition)
-                x = scheduler.step(eps, int(t), x).prev_sample.float()
+                eps = self.predict(x, t, condition)
+                x = scheduler.step(eps, t, x).prev_sample.float()
         return self.decode(x)
 
     def _refine_reuse(self):
@@ -227,6 +230,9 @@ class ScoreDistillation:
         """Empty the Hash3D table (stage 2 starts with an empty one); counters keep counting."""
         if self.denoiser.cache is not None:
             self.denoiser.cache.clear()
+
+    #: The model family a report names (None: not a checkpoint's).
+    family: str | None = None
 
     @property
     def cached(self) -> bool:

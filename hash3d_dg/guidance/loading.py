@@ -112,7 +112,12 @@ def _tiny_vae_error(model: str, reason: str) -> ModelLoadError:
     )
 
 
-def _resolve_local_dir(model: str, patterns: list[str] | None = None, error=None) -> Path:
+#: a cached snapshot holding these is complete enough to load without asking the hub
+_COMPLETE_FILES = ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors")
+
+
+def _resolve_local_dir(model: str, patterns: list[str] | None = None, error=None,
+                       complete: tuple[str, ...] = _COMPLETE_FILES) -> Path:
     """A local directory holding the checkpoint: ``model`` itself, or a hub snapshot of it
     (files matching ``patterns``); failures are raised through ``error(model, reason)``."""
     patterns = _HUB_PATTERNS if patterns is None else patterns
@@ -137,6 +142,11 @@ def _resolve_local_dir(model: str, patterns: list[str] | None = None, error=None
         local = cached()
         if local is None:
             raise fail(model, "not a local directory, and not in the Hugging Face cache (HF_HUB_OFFLINE is set)")
+        return local
+    # Local cache first: a complete snapshot already there loads without any hub round trip
+    # (the probe and the snapshot check cost seconds at every start, more on a slow network).
+    local = cached()
+    if local is not None and all((local / name).is_file() for name in complete):
         return local
     try:
         model_info(model, timeout=_PROBE_TIMEOUT_S)
@@ -260,7 +270,8 @@ def load_tiny_vae(source: str = DEFAULT_TINY_VAE, device: str | torch.device = "
         ModelLoadError: on any failure, one line naming the source and how to pass a directory.
     """
     source = str(source)
-    root = _resolve_local_dir(source, _TINY_VAE_PATTERNS, _tiny_vae_error)
+    root = _resolve_local_dir(source, _TINY_VAE_PATTERNS, _tiny_vae_error,
+                              complete=("config.json", "diffusion_pytorch_model.safetensors"))
     sub = None if (root / "config.json").is_file() else "vae" if (root / "vae" / "config.json").is_file() else ""
     if sub == "":
         raise _tiny_vae_error(source, f"'{root}' has no config.json (nor vae/config.json)")

@@ -28,12 +28,13 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from diffusers import DDIMScheduler
 from PIL import Image
 
-from hash3d_dg.cache import CachedDenoiser, CacheKey, UNetSplit
-from hash3d_dg.guidance.base import FloatSeq, ScoreDistillation
+from hash3d_dg.accel import upload
+from hash3d_dg.cache import CachedDenoiser, CacheKey
+from hash3d_dg.guidance.base import FloatSeq
+from hash3d_dg.guidance.latent import LatentGuidance
+from hash3d_dg.guidance.unet_split import UNetSplit
 from hash3d_dg.guidance.loading import Zero123Components
 
 logger = logging.getLogger(__name__)
@@ -49,12 +50,12 @@ def _as_float64(values: FloatSeq, name: str, batch: int | None = None) -> torch.
     return out
 
 
-class Zero123Guidance(ScoreDistillation):
+class Zero123Guidance(LatentGuidance):
     """Zero-1-to-3 score distillation and img2img refine through a (cached) denoiser.
 
     The shared score-distillation core (timesteps, noise, w(t), the SDS loss, the DDIM refine
-    loop, ``reset`` and ``stats``) is ``ScoreDistillation``'s; this class supplies the SD-VAE
-    latent space and the classifier-free-guided Zero-1-to-3 call.
+    loop, ``reset`` and ``stats``) is ``ScoreDistillation``'s and the SD-VAE latent space
+    ``LatentGuidance``'s; this class supplies the classifier-free-guided Zero-1-to-3 call.
 
     Args:
         components: the loaded checkpoint (``load_zero123``).
@@ -85,22 +86,14 @@ class Zero123Guidance(ScoreDistillation):
         latent_vae: torch.nn.Module | None = None,
         hash3d=None,
     ) -> None:
-        self.components = components
-        self.latent_vae = latent_vae
+        scheduler = self._init_latent_space(components, latent_vae, image_size)
         denoiser = denoiser if denoiser is not None else CachedDenoiser(UNetSplit(components.unet), cache=None)
         self.guidance_scale = float(guidance_scale)
-        self.image_size = int(image_size)
-        self.device = components.device
-        self.dtype = components.dtype
-        # SDS uses its own copy of the scheduler (only for add_noise / alphas); refine another.
-        self.scheduler = DDIMScheduler.from_config(components.scheduler.config)
-        self.refine_scheduler = DDIMScheduler.from_config(components.scheduler.config)
         if hash3d is None and denoiser.cache is not None:
             hash3d = denoiser.cache.cfg
-        super().__init__(denoiser, self.scheduler.alphas_cumprod, min_step_ratio, max_step_ratio,
+        super().__init__(denoiser, scheduler.alphas_cumprod, min_step_ratio, max_step_ratio,
                          seed=seed, generator_device=self.device, hash3d=hash3d)
         self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device, torch.float32)
-        self.scaling_factor = float(components.vae.config.scaling_factor)
         self.input_elevation = 0.0
         self.ref_embeddings: torch.Tensor | None = None  # [1, 1, D] CLIP image_embeds
         self.ref_latents: torch.Tensor | None = None  # [1, 4, h, w] unscaled VAE latent
@@ -111,44 +104,6 @@ class Zero123Guidance(ScoreDistillation):
 
     def _drop_reference(self) -> None:
         self.ref_embeddings = self.ref_latents = None
-
-    # ------------------------------------------------------------------ images and latents
-
-    def _resize(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] -> [B, 3, image_size, image_size] float32 (bilinear)."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
-        images = images.to(self.device, torch.float32)
-        if images.shape[-2:] != (self.image_size, self.image_size):
-            images = F.interpolate(images, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        return images
-
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Differentiable VAE encoding for SDS / refine.
-
-        Args:
-            images: [B, 3, H, W] in [0, 1] (any H, W; resized to ``image_size``).
-        Returns:
-            latents [B, 4, image_size/8, image_size/8] in the model dtype, a posterior sample
-            multiplied by the VAE scaling factor (with a tiny autoencoder: its deterministic
-            latents, already in that scaled space); gradients flow back to ``images``.
-        """
-        x = self._resize(images) * 2.0 - 1.0
-        if self.latent_vae is not None:
-            vae = self.latent_vae
-            return vae.encode(x.to(vae.dtype)).latents.to(self.dtype) * float(vae.config.scaling_factor)
-        posterior = self.components.vae.encode(x.to(self.dtype)).latent_dist
-        return posterior.sample(generator=self.generator) * self.scaling_factor
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents [B, 4, h, w] -> images [B, 3, 8h, 8w] float32 in [0, 1]."""
-        if self.latent_vae is not None:
-            vae = self.latent_vae
-            x = vae.decode((latents / float(vae.config.scaling_factor)).to(vae.dtype)).sample
-            return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
-        x = self.components.vae.decode((latents / self.scaling_factor).to(self.dtype)).sample
-        return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
     # ------------------------------------------------------------------ conditioning
 
@@ -187,9 +142,9 @@ class Zero123Guidance(ScoreDistillation):
             last = torch.full_like(el, math.radians(90.0 + self.input_elevation))
         else:
             last = radius
-        return torch.stack([torch.deg2rad(el), torch.sin(az_rad), torch.cos(az_rad), last], dim=-1).to(
-            self.device, torch.float32
-        )
+        # built on the host in float64, then one pinned, non-blocking upload (accel.upload)
+        return upload(torch.stack([torch.deg2rad(el), torch.sin(az_rad), torch.cos(az_rad), last], dim=-1),
+                      self.device, torch.float32)
 
     @torch.no_grad()
     def conditioning(
@@ -249,12 +204,6 @@ class Zero123Guidance(ScoreDistillation):
 
     # ------------------------------------------------------------------ the core's hooks
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encode_images(images)
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode_latents(x)
-
     def condition(self, d_elevation: FloatSeq, d_azimuth: FloatSeq, d_radius: FloatSeq, batch: int):
         cond = self.conditioning(d_elevation, d_azimuth, d_radius)
         if cond[0].shape[0] != 2 * batch:
@@ -264,17 +213,6 @@ class Zero123Guidance(ScoreDistillation):
     def predict(self, x_t: torch.Tensor, t: int, condition) -> torch.Tensor:
         cond, d_elevation, d_azimuth, d_radius = condition
         return self.predict_noise(x_t, t, cond, d_elevation, d_azimuth, d_radius)
-
-    def add_noise(self, x: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
-        t_tensor = torch.full((x.shape[0],), t, device=self.device, dtype=torch.long)
-        return self.scheduler.add_noise(x, noise, t_tensor)
-
-    def sds_weight(self, t: int) -> torch.Tensor:
-        return 1.0 - self.alphas_cumprod[t]
-
-    def make_refine_scheduler(self, steps: int) -> DDIMScheduler:
-        self.refine_scheduler.set_timesteps(int(steps), device=self.device)
-        return self.refine_scheduler
 
     def sds_latents(
         self,

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from hash3d_dg.camera import DEFAULT_FOVY, Camera
+from hash3d_dg.config import MESH_BAKE_MODES, MESH_BAKE_VIEWS
 from hash3d_dg.mesh.backends import rasterize_mesh
 from hash3d_dg.mesh.mesh import Mesh
 from hash3d_dg.mesh.rasterize_torch import rasterize_uv
@@ -62,13 +63,11 @@ DEFAULT_BAKE_VIEWS: tuple[tuple[float, float], ...] = (
 UPPER_BAKE_VIEWS: tuple[tuple[float, float], ...] = tuple(
     v for v in DEFAULT_BAKE_VIEWS if v[0] != 45.0)
 
-#: Named view sets (``mesh.bake_views``).
-BAKE_VIEW_SETS: dict[str, tuple[tuple[float, float], ...]] = {
-    "default18": DEFAULT_BAKE_VIEWS,
-    "upper14": UPPER_BAKE_VIEWS,
-}
+#: Named view sets (``mesh.bake_views``; the names are the run config's, in that order).
+BAKE_VIEW_SETS: dict[str, tuple[tuple[float, float], ...]] = dict(
+    zip(MESH_BAKE_VIEWS, (DEFAULT_BAKE_VIEWS, UPPER_BAKE_VIEWS), strict=True))
 
-BAKE_MODES = ("front", "first", "average")
+BAKE_MODES = MESH_BAKE_MODES
 
 
 def _direction(elevation: float, azimuth: float) -> Tensor:

@@ -1,4 +1,4 @@
-"""Stage 2: refine the mesh texture (and optionally its vertices) toward Zero-1-to-3 img2img."""
+"""Stage 2: refine the mesh texture (and optionally its vertices) toward the guidance's img2img."""
 
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from hash3d_dg.accel import adam_options, upload
 from hash3d_dg.camera import Camera
 from hash3d_dg.config import RunConfig
 from hash3d_dg.mesh import Mesh, rasterize_mesh
 from hash3d_dg.stages.metrics import mask_iou, psnr
 from hash3d_dg.stages.reference import ReferenceView
-from hash3d_dg.stages.views import DivergenceGuard, GuidanceMeter, check_interval, sample_novel_view
+from hash3d_dg.stages.loop import StageLoop
+from hash3d_dg.stages.views import sample_novel_view
 
 
 @dataclass
@@ -42,7 +43,7 @@ def render_supersampled(mesh: Mesh, camera: Camera, size: int, ssaa: float, albe
     out = rasterize_mesh(mesh, camera.resized(inner), background=background, backend=backend,
                          vertex_offsets=offsets, albedo=albedo, antialias=True,
                          texture_filter="mipmap")
-    forward = torch.as_tensor(camera.c2w[:3, 2], dtype=out.normal.dtype, device=out.normal.device)
+    forward = upload(camera.c2w[:3, 2], out.normal.device, out.normal.dtype)  # pinned, non-blocking
     viewcos = (out.normal * forward).sum(-1, keepdim=True)
     stacked = torch.cat([out.rgb, out.alpha, viewcos], dim=-1)
     if inner != size:
@@ -54,10 +55,11 @@ def render_supersampled(mesh: Mesh, camera: Camera, size: int, ssaa: float, albe
 def run_stage2(mesh: Mesh, ref: ReferenceView, cfg: RunConfig, guidance=None,
                progress: bool = True, progress_callback=None) -> Stage2Result:
     """Optimise the albedo (and vertex offsets when ``stage2.geom_lr > 0``) for
-    ``cfg.stage2.iters`` steps; returns the refined mesh. ``progress_callback`` as in
-    ``run_stage1`` (with ``"stage": "stage2"``)."""
+    ``cfg.stage2.iters`` steps; returns the refined mesh. ``guidance`` and ``progress_callback``
+    as in ``run_stage1`` (events with ``"stage": "stage2"``); the refine runs under the
+    guidance's stage-2 reuse policy."""
     s2 = cfg.stage2
-    device = ref.rgb.device
+    device = ref.device
     rng = np.random.default_rng(cfg.seed + 1)
     mesh = mesh.to(device)
     raw_albedo = torch.nn.Parameter(_logit(mesh.albedo.float()))
@@ -66,31 +68,31 @@ def run_stage2(mesh: Mesh, ref: ReferenceView, cfg: RunConfig, guidance=None,
     if s2.geom_lr > 0:
         offsets = torch.nn.Parameter(torch.zeros_like(mesh.v))
         groups.append({"params": [offsets], "lr": s2.geom_lr})
-    optimizer = torch.optim.Adam(groups)
+    optimizer = torch.optim.Adam(groups, **adam_options(s2.fused_adam, device))
     white = torch.ones(3, device=device)
     use_guidance = guidance is not None and cfg.guidance.lambda_zero123 > 0
-    meter = GuidanceMeter(guidance if use_guidance else None)
-
-    start = time.perf_counter()
-    bar = tqdm(range(1, s2.iters + 1), desc="stage 2 (mesh)  ", disable=not progress,
-               dynamic_ncols=True)
-    loss_value = float("nan")
-    guard = DivergenceGuard("stage 2", device)
-    every = check_interval(device)
     params = [p for group in groups for p in group["params"]]
-    for step in bar:
-        step_ratio = min(1.0, step / max(s2.iters, 1))
+    loop = StageLoop("stage2", "stage 2", "stage 2 (mesh)  ", s2.iters, optimizer,
+                     params=lambda: params, device=device,
+                     guidance=guidance if use_guidance else None, progress=progress,
+                     progress_callback=progress_callback)
+    guard = loop.guard
+
+    def forward(step: int, step_ratio: float) -> torch.Tensor:
         albedo = torch.sigmoid(raw_albedo)
 
-        # Known view: MSE on pixels the mesh covers and faces the camera.
-        ssaa = float(np.clip(rng.uniform(0, 2.0), s2.ssaa_min, s2.ssaa_max))
-        rgb, alpha, viewcos = render_supersampled(mesh, ref.camera, ref.camera.width, ssaa, albedo,
-                                                  offsets, s2.backend, white)
-        guard.observe_render(step, rgb)
-        valid = ((alpha > 0) & (viewcos > 0.5)).detach().float()
-        loss = F.mse_loss(rgb * valid, ref.rgb * valid)
+        # Known view: MSE on pixels the mesh covers and faces the camera (none without an image).
+        if ref.has_image:
+            ssaa = float(np.clip(rng.uniform(0, 2.0), s2.ssaa_min, s2.ssaa_max))
+            rgb, alpha, viewcos = render_supersampled(mesh, ref.camera, ref.camera.width, ssaa, albedo,
+                                                      offsets, s2.backend, white)
+            guard.observe_render(step, rgb)
+            valid = ((alpha > 0) & (viewcos > 0.5)).detach().float()
+            loss = F.mse_loss(rgb * valid, ref.rgb * valid)
+        else:
+            loss = torch.zeros((), device=device)
 
-        # Novel view: MSE toward Zero-1-to-3's partially denoised version of the render.
+        # Novel view: MSE toward the guidance's partially denoised version of the render.
         if use_guidance:
             view = sample_novel_view(rng, ref.elevation, cfg.stage1.min_ver, cfg.stage1.max_ver)
             camera = Camera.orbit(ref.elevation + view.d_elevation, view.d_azimuth,
@@ -106,23 +108,10 @@ def run_stage2(mesh: Mesh, ref: ReferenceView, cfg: RunConfig, guidance=None,
             refined = F.interpolate(refined.float(), image.shape[-2:], mode="bilinear",
                                     align_corners=False)
             loss = loss + cfg.guidance.lambda_zero123 * F.mse_loss(image, refined)
+        return loss
 
-        guard.observe_loss(step, loss)
-        loss.backward()
-        guard.observe_gradients(step, params)
-        due = step % every == 0 or step == s2.iters
-        if due:
-            guard.check()  # before the step: a non-finite update never reaches the texture
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if due:  # one read of the loss per check, not a host sync every step
-            loss_value = float(loss.detach())
-            if progress:
-                bar.set_postfix(meter.postfix(loss_value))
-            if progress_callback is not None:
-                progress_callback({"stage": "stage2", "step": step, "total": s2.iters,
-                                   "loss": loss_value, "hit_rate": meter.hit_rate()})
-    bar.close()
+    start = time.perf_counter()
+    result = loop.run(forward)
 
     with torch.no_grad():
         refined_mesh = Mesh(
@@ -131,10 +120,10 @@ def run_stage2(mesh: Mesh, ref: ReferenceView, cfg: RunConfig, guidance=None,
         )
         if offsets is not None:
             refined_mesh = refined_mesh.compute_normals()
-        out = rasterize_mesh(refined_mesh, ref.camera, background=white, backend=s2.backend)
+        out = rasterize_mesh(refined_mesh, ref.camera, background=white, backend=s2.backend) if ref.has_image else None
     report = {"iters": s2.iters, "seconds": round(time.perf_counter() - start, 3),
-              "final_loss": loss_value,
-              "ref_psnr": round(psnr(out.rgb, ref.rgb), 3),
-              "ref_mask_iou": round(mask_iou(out.alpha, ref.mask), 4)}
-    report.update(meter.report())
+              "final_loss": result.final_loss}
+    if out is not None:
+        report.update(ref_psnr=round(psnr(out.rgb, ref.rgb), 3), ref_mask_iou=round(mask_iou(out.alpha, ref.mask), 4))
+    report.update(result.guidance)
     return Stage2Result(mesh=refined_mesh, report=report)

@@ -76,7 +76,9 @@ def check_interval(device: torch.device | str) -> int:
     """How often a stage reads its loss and its divergence flags back from the device: every
     step on CPU (no transfer to wait for), every 10 steps on an accelerator (a read is a host
     sync that stalls the queue of kernels)."""
-    return 1 if torch.device(device).type == "cpu" else 10
+    from hash3d_dg.accel import is_accelerator
+
+    return 10 if is_accelerator(device) else 1
 
 
 class DivergenceGuard:
