@@ -101,8 +101,8 @@ def test_save_load_roundtrip_is_fp16(tmp_path):
 
 
 def test_harness_settings_take_the_judge():
-    from hash3d_dg.bench.oracle import resolve_settings
-    from hash3d_dg.bench.pareto import sweep_settings
+    from hash3d_dg.eval.oracle import resolve_settings
+    from hash3d_dg.eval.pareto import sweep_settings
 
     assert resolve_settings("tiny")["judge"] == "analytic"
     assert resolve_settings("tiny", judge="learned")["judge"] == "learned"
