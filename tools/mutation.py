@@ -187,6 +187,23 @@ EQUIVALENT.update({
                                  "probability 0",
     _C + "should_retrieve__mutmut_1": "random() returns exactly eta with probability 0",
 })
+_U = "hash3d_dg.cache.unet_split.x"
+_US = _U + "ǁUNetSplitǁ"
+_NATURAL = ("forwarding an up-sampler the size it produces anyway changes nothing: the mutant "
+            "only forwards sizes in more cases")
+EQUIVALENT.update({
+    _U + "_has_attention__mutmut_13": "bool(None) is bool(False)",
+    _US + "_down_stack_prefix__mutmut_2": "the inner loop checks len(stack) >= count before "
+                                          "computing anything",
+    _US + "_embed__mutmut_10": "TimestepEmbedding's condition defaults to None",
+    **{_US + "_pair__mutmut_" + n: "the attention's output indexed [0] is the sample whether it "
+                                   "returns a tuple or a BaseOutput" for n in ("10", "13", "14")},
+    **{_US + "_upsample_size__mutmut_" + n: _NATURAL for n in ("2", "3", "6", "9", "12", "13")},
+    _US + "_upsample_size__mutmut_16": "every up block consumes >= 2 skips of one resolution: the "
+                                       "entry below has the same size",
+    _US + "full__mutmut_41": "feature is always assigned in the loop (the cache point is valid)",
+    _US + "full__mutmut_78": "range(s) is range(0, s)",
+})
 _G = "hash3d_dg.gaussians.rasterize_cuda.x_rasterize_gsplat__mutmut_"
 _I = "hash3d_dg.gaussians.rasterize_cuda.x_rasterize_inria__mutmut_"
 _IP = "hash3d_dg.gaussians.rasterize_cuda.x__inria_projection_matrix__mutmut_"
