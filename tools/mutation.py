@@ -153,6 +153,23 @@ EQUIVALENT.update({
     _ZG + "sds_latents__mutmut_43": "both conditioning tensors have 2B rows",
     **{_ZG + "timestep_for__mutmut_" + n: _CPU_DEVICE for n in ("7", "12")},
     **{_Z + "__as_float64__mutmut_" + n: _CPU_DEVICE for n in ("3", "5")},
+    _Z + "__as_float64__mutmut_19": "numpy reads any negative size in reshape as the unknown one",
+    **{_ZG + "__init____mutmut_" + n: "the scheduler's alphas_cumprod is float32 already"
+       for n in ("42", "44")},
+    **{_ZG + "camera_embedding__mutmut_" + n: "the name only appears in a batch-size error, and "
+                                              "d_elevation sets the batch (no check)"
+       for n in ("3", "6", "7")},
+    **{_ZG + "encode_images__mutmut_" + n: "CPU: the tiny autoencoder and the model are both "
+                                           "float32 on the CPU (a reduced-precision GPU run "
+                                           "could see the missing cast)" for n in ("10", "12")},
+    _ZG + "sds_latents__mutmut_50": "both conditioning tensors have 2B rows",
+})
+_BLD = ("type promotion: the difference of a float16/bfloat16 and a float32 (or float64) "
+        "tensor is computed in the wider dtype anyway")
+EQUIVALENT.update({
+    **{"hash3d_dg.cache.blend.x_query_distances__mutmut_" + n: _BLD for n in ("12", "15", "17")},
+    "hash3d_dg.cache.table.xǁHash3DCacheǁ_best_of__mutmut_2": "None or a bool is that bool; "
+        "an all-empty search returns a falsy flag either way",
 })
 _E = "hash3d_dg.mesh.export.x_"
 EQUIVALENT.update({
