@@ -209,13 +209,16 @@ _US = _U + "ǁUNetSplitǁ"
 _NATURAL = ("forwarding an up-sampler the size it produces anyway changes nothing: the mutant "
             "only forwards sizes in more cases")
 EQUIVALENT.update({
-    _U + "_has_attention__mutmut_13": "bool(None) is bool(False)",
+    _U + "__has_attention__mutmut_13": "bool(None) is bool(False)",
+    **{_US + "_check_supported__mutmut_" + n: "UNet2DConditionModel always defines "
+                                              "class_embedding and encoder_hid_proj (None when unused)"
+       for n in ("7", "26")},
     _US + "_down_stack_prefix__mutmut_2": "the inner loop checks len(stack) >= count before "
                                           "computing anything",
     _US + "_embed__mutmut_10": "TimestepEmbedding's condition defaults to None",
     **{_US + "_pair__mutmut_" + n: "the attention's output indexed [0] is the sample whether it "
                                    "returns a tuple or a BaseOutput" for n in ("10", "13", "14")},
-    **{_US + "_upsample_size__mutmut_" + n: _NATURAL for n in ("2", "3", "6", "9", "12", "13")},
+    **{_US + "_upsample_size__mutmut_" + n: _NATURAL for n in ("2", "3", "4", "6", "9", "12", "13")},
     _US + "_upsample_size__mutmut_16": "every up block consumes >= 2 skips of one resolution: the "
                                        "entry below has the same size",
     _US + "full__mutmut_41": "feature is always assigned in the loop (the cache point is valid)",
