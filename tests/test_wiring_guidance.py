@@ -97,3 +97,35 @@ def test_sds_loss_is_float32_with_float64_noise(guidance):
     assert loss.dtype == torch.float32 and loss.ndim == 0
     loss.backward()
     assert latents.grad.dtype == torch.float32
+
+
+def test_camera_inputs_of_other_dtypes_are_read_in_float64(guidance):
+    want = guidance.camera_embedding([10.5, -20.25], [30.0, 200.0], [0.0, 0.0])
+    half = guidance.camera_embedding(torch.tensor([10.5, -20.25], dtype=torch.float16),
+                                     torch.tensor([30.0, 200.0], dtype=torch.float16),
+                                     torch.zeros(2, dtype=torch.float16))
+    torch.testing.assert_close(half, want, rtol=0, atol=0)
+    ints = guidance.camera_embedding([10, -20], [30, 200], [0, 0])
+    torch.testing.assert_close(ints, guidance.camera_embedding([10.0, -20.0], [30.0, 200.0], [0.0, 0.0]),
+                               rtol=0, atol=0)
+
+
+def test_a_tiny_autoencoders_latents_are_scaled_by_its_own_factor(components):
+    """Latents of renders through a tiny autoencoder: ``encode(x).latents * scaling_factor``
+    and back (TAESD's factor is 1; another factor must be applied, not divided)."""
+    from diffusers import AutoencoderTiny
+
+    from hash3d_dg.guidance.tiny import tiny_taesd_config
+
+    torch.manual_seed(0)
+    cfg = {k: v for k, v in tiny_taesd_config().items() if not k.startswith("_")}
+    vae = AutoencoderTiny(**dict(cfg, scaling_factor=0.5)).eval()
+    g = Zero123Guidance(components, image_size=32, latent_vae=vae)
+    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = vae.encode(images * 2 - 1).latents * 0.5
+        got = g.encode_images(images)
+        torch.testing.assert_close(got, want)
+        back = g.decode_latents(got)
+        ref = ((vae.decode(want / 0.5).sample + 1) / 2).clamp(0, 1)
+    torch.testing.assert_close(back, ref)

