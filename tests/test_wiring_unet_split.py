@@ -179,7 +179,7 @@ def test_cache_point_range_and_name_errors():
     with pytest.raises(ValueError, match=r"^cache point sub-block 2 out of range for 2 sub-blocks$"):
         UNetSplit(unet, (0, 2))
     with pytest.raises(ValueError, match=r"^unknown cache point 'middle': expected one of paper, "
-                                         r"last_subblock, last_block or \(up_block_index, subblock_index\)$"):
+                                         r"last_subblock, last_block or \(up_block, pair\)$"):
         UNetSplit(unet, "middle")
 
 
@@ -188,7 +188,7 @@ def test_unsupported_unets_are_named_in_one_message():
 
     from torch import nn
 
-    from hash3d_dg.cache import UnsupportedUNetError
+    from hash3d_dg.guidance.unet_split import UnsupportedUNetError
 
     real = tiny_unet(TWO)
     fake = SimpleNamespace(config={"addition_embed_type": "text_time"}, class_embedding=nn.Identity(),
@@ -212,7 +212,7 @@ def test_unsupported_unets_are_named_in_one_message():
 
 
 def test_freeu_is_refused_with_its_fix():
-    from hash3d_dg.cache import UnsupportedUNetError
+    from hash3d_dg.guidance.unet_split import UnsupportedUNetError
 
     unet = tiny_unet(TWO)
     split = UNetSplit(unet, "paper")
