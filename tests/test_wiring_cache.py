@@ -290,7 +290,6 @@ def test_seeded_retrieval_draws_default_to_seed_zero():
     from hash3d_dg.cache.table import make_cache
 
     cfg = Hash3DConfig.preset("paper", eta=0.5)
-    want = [random.Random(0).random() < 0.5 for _ in range(1)]
     ref = random.Random(0)
     want = [ref.random() < 0.5 for _ in range(40)]
     for c in (make_cache(cfg), Hash3DCache(cfg)):

@@ -49,8 +49,6 @@ def _gsplat_composite_tiles(means2d, conics, colors, opacities, width, height, t
     tiles_y, tiles_x = isect_offsets.shape[-2:]
     offsets = isect_offsets.reshape(-1).tolist() + [int(flatten_ids.shape[0])]
     channels = colors.shape[-1]
-    image = torch.zeros(height, width, channels, dtype=colors.dtype)
-    alpha_img = torch.zeros(height, width, 1, dtype=colors.dtype)
     rows = []
     for ty in range(tiles_y):
         cols = []
