@@ -98,17 +98,22 @@ def encode_backward_gmacs(vae, image_size: int = 256) -> float:
     return total - forward
 
 
-@lru_cache(maxsize=4)
-def taesd_gmacs(image_size: int = 256) -> dict:
-    """TAESD (diffusers ``AutoencoderTiny``, ``madebyollin/taesd`` architecture) GMACs: encoder
-    forward and input-gradient backward at ``image_size``, decoder at the matching latent."""
-    vae = meta_taesd()
+def autoencoder_gmacs(vae, image_size: int) -> dict:
+    """An autoencoder's GMACs: encoder forward and input-gradient backward at ``image_size``,
+    decoder at the matching latent."""
     image = torch.empty(1, 3, image_size, image_size, device="meta")
     latent = torch.empty(1, vae.config.latent_channels, image_size // 8, image_size // 8, device="meta")
     with torch.no_grad():
         encode = count_gmacs(vae.encode, image)
         decode = count_gmacs(vae.decode, latent)
     return {"encode": encode, "encode_backward": encode_backward_gmacs(vae, image_size), "decode": decode}
+
+
+@lru_cache(maxsize=4)
+def taesd_gmacs(image_size: int = 256) -> dict:
+    """TAESD (diffusers ``AutoencoderTiny``, ``madebyollin/taesd`` architecture) GMACs: encoder
+    forward and input-gradient backward at ``image_size``, decoder at the matching latent."""
+    return autoencoder_gmacs(meta_taesd(), image_size)
 
 
 @lru_cache(maxsize=4)

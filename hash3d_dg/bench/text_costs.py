@@ -19,7 +19,7 @@ from functools import lru_cache
 
 import torch
 
-from hash3d_dg.bench.flops import count_gmacs, encode_backward_gmacs, meta_taesd
+from hash3d_dg.bench.flops import autoencoder_gmacs, count_gmacs, taesd_gmacs
 from hash3d_dg.cache.config import CACHE_POINTS, NAMED_CACHE_POINTS
 
 #: The paper's text-to-3D claim this is compared with (Hash3D, Yang & Wang: GaussianDreamer).
@@ -72,24 +72,12 @@ def sd21_unet_gmacs(image_size: int = TEXT_IMAGE_SIZE, batch: int = 2) -> dict:
 
 @lru_cache(maxsize=4)
 def sd21_vae_gmacs(image_size: int = TEXT_IMAGE_SIZE) -> dict:
-    vae = meta_sd21_vae()
-    image = torch.empty(1, 3, image_size, image_size, device="meta")
-    latent = torch.empty(1, 4, image_size // 8, image_size // 8, device="meta")
-    with torch.no_grad():
-        encode = count_gmacs(vae.encode, image)
-        decode = count_gmacs(vae.decode, latent)
-    return {"encode": encode, "encode_backward": encode_backward_gmacs(vae, image_size), "decode": decode}
+    return autoencoder_gmacs(meta_sd21_vae(), image_size)
 
 
-@lru_cache(maxsize=4)
 def taesd_text_gmacs(image_size: int = TEXT_IMAGE_SIZE) -> dict:
-    vae = meta_taesd()
-    image = torch.empty(1, 3, image_size, image_size, device="meta")
-    latent = torch.empty(1, 4, image_size // 8, image_size // 8, device="meta")
-    with torch.no_grad():
-        encode = count_gmacs(vae.encode, image)
-        decode = count_gmacs(vae.decode, latent)
-    return {"encode": encode, "encode_backward": encode_backward_gmacs(vae, image_size), "decode": decode}
+    """TAESD at the text path's 512 px (``flops.taesd_gmacs``)."""
+    return taesd_gmacs(image_size)
 
 
 @lru_cache(maxsize=1)
