@@ -363,7 +363,7 @@ def train(steps: int = 6000, minutes: float = 75.0, seed: int = 0, batch_size: i
           work_dir: str = ".learned_run", out: Path | str = WEIGHTS_PATH,
           checkpoint_every: int = 250, log_every: int = 50, resume: bool = False,
           command: str | None = None, init_from: str | None = None,
-          max_weight: float = 1.0) -> dict:
+          max_weight: float = 1.0, init_note: str | None = None) -> dict:
     """Train the learned oracle; see the module docstring. Returns the provenance dict."""
     torch.set_num_threads(int(threads))
     torch.manual_seed(int(seed))
@@ -389,10 +389,11 @@ def train(steps: int = 6000, minutes: float = 75.0, seed: int = 0, batch_size: i
         prior_state = torch.load(init_from)
         for model, key in ((unet, "unet"), (ema, "ema")):
             model.load_state_dict(_expand_conv_in(prior_state[key], model.state_dict()))
+        expanded = prior_state["unet"]["conv_in.weight"].shape != unet.state_dict()["conv_in.weight"].shape
         prior = {"checkpoint": str(init_from), "steps": int(prior_state["step"]),
                  "minutes": round(prior_state["elapsed"] / 60, 1),
-                 "note": "weights of an earlier run without camera planes; conv_in's new input "
-                         "channels zero-initialised"}
+                 "conv_in_expanded": bool(expanded),
+                 "earlier": prior_state.get("prior"), "note": init_note}
         log.info("initialised from %s (step %d)", init_from, prior["steps"])
     n_params = sum(p.numel() for p in unet.parameters())
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
@@ -480,7 +481,7 @@ def train(steps: int = 6000, minutes: float = 75.0, seed: int = 0, batch_size: i
             log.info("checkpoint step %d: ema %s", step, ev)
             torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                         "generator": g.get_state(), "step": step, "elapsed": time.perf_counter() - t0,
-                        "losses": losses}, work / "checkpoint.tmp")
+                        "losses": losses, "prior": prior}, work / "checkpoint.tmp")
             os.replace(work / "checkpoint.tmp", ckpt)
             save_weights(ema, out, provenance(False))
 
@@ -520,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(1: the plain DDPM loss)")
     p.add_argument("--init-from", default=None,
                    help="start from this checkpoint.pt's weights (conv_in widened if needed)")
+    p.add_argument("--init-note", default=None,
+                   help="free text recorded with --init-from in the provenance (how the checkpoint was made)")
     p = sub.add_parser("eval", help="held-out error and DDIM samples of saved weights")
     p.add_argument("--weights", default=str(WEIGHTS_PATH))
     p.add_argument("--random", action="store_true", help="a random-init model instead")
@@ -531,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
                      layers_per_block=args.layers_per_block, n_oracle=args.n_oracle,
                      n_extra_each=args.n_extra, threads=args.threads, work_dir=args.work_dir,
                      out=args.out, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                     command=cmd, init_from=args.init_from, max_weight=args.max_weight)
+                     command=cmd, init_from=args.init_from, max_weight=args.max_weight,
+                     init_note=args.init_note)
         print(json.dumps({k: prov[k] for k in ("steps", "train_seconds", "final_loss", "heldout",
                                                 "ddim_samples")}, indent=2))
     else:
