@@ -216,3 +216,24 @@ def test_guard_names_the_earliest_quantity_and_reads_back_only_on_check():
     with pytest.raises(DivergenceError) as info:
         guard.check()
     assert (info.value.iteration, info.value.quantity) == (4, "gradient")
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_guard_sees_any_non_finite_gradient_and_not_a_large_finite_one(bad):
+    from hash3d_dg.errors import DivergenceError
+    from hash3d_dg.stages.views import DivergenceGuard
+
+    guard = DivergenceGuard("stage 2", "cpu")
+    params = [torch.nn.Parameter(torch.ones(n)) for n in (3, 5, 0, 2)]
+    for p in params:
+        p.grad = torch.full_like(p, 3.0e38)  # the largest magnitudes are finite: not divergence
+    guard.observe_render(1, torch.full((2, 2), -3.0e38))
+    guard.observe_gradients(1, params)
+    guard.check()
+    params[1].grad[4] = bad
+    guard.observe_gradients(2, params)
+    guard.observe_gradients(3, params)
+    guard.observe_render(3, torch.full((2, 2), bad))
+    with pytest.raises(DivergenceError) as info:
+        guard.check()
+    assert (info.value.stage, info.value.iteration, info.value.quantity) == ("stage 2", 2, "gradient")

@@ -85,37 +85,48 @@ class DivergenceGuard:
     """Watches a stage's loss, renders and gradients for NaN or inf without a host sync per step.
 
     ``observe_*`` only queue device work: each quantity keeps, on the device, the first step at
-    which it was non-finite (0 = never). ``check`` reads those three numbers back (one sync) and
-    raises ``DivergenceError`` naming the stage, the iteration and the quantity; call it every
-    ``check_interval`` steps and after the last one. Where several quantities failed, the
+    which it was non-finite (``NEVER`` = not yet). ``check`` reads those three numbers back (one
+    sync) and raises ``DivergenceError`` naming the stage, the iteration and the quantity; call it
+    every ``check_interval`` steps and after the last one. Where several quantities failed, the
     earliest step wins; at one step the render is named before the loss it made non-finite,
     and the loss before its gradient.
+
+    Launch cost per observation (what a GPU pays every iteration): one reduction to the largest
+    magnitude (``vector_norm(ord=inf)``: NaN and inf propagate into it; the gradients: one
+    ``_foreach_norm(inf)`` over every parameter's gradient, a ``stack`` and the same reduction),
+    one comparison with inf (False for inf and NaN), one ``where`` (this step, or ``NEVER``) and
+    one in-place minimum into the quantity's slot: 4 kernels, none of them per parameter.
     """
 
     QUANTITIES = ("render", "loss", "gradient")
+    #: the first-bad-step value of a quantity that has stayed finite
+    NEVER = torch.iinfo(torch.long).max
 
     def __init__(self, stage: str, device: torch.device | str) -> None:
         self.stage = stage
-        self.first_bad = torch.zeros(len(self.QUANTITIES), dtype=torch.long, device=device)
+        self.first_bad = torch.full((len(self.QUANTITIES),), self.NEVER, dtype=torch.long, device=device)
 
-    def _observe(self, index: int, step: int, finite: torch.Tensor) -> None:
-        current = self.first_bad[index]
-        self.first_bad[index] = torch.where(~finite & (current == 0), step, current)
+    def _observe(self, index: int, step: int, values: torch.Tensor) -> None:
+        if values.numel() == 0:
+            return
+        largest = torch.linalg.vector_norm(values.detach(), ord=float("inf"))
+        slot = self.first_bad[index:index + 1]
+        slot.clamp_(max=torch.where(largest < float("inf"), self.NEVER, step))
 
     def observe_render(self, step: int, image: torch.Tensor) -> None:
-        self._observe(0, step, torch.isfinite(image.detach()).all())
+        self._observe(0, step, image)
 
     def observe_loss(self, step: int, loss: torch.Tensor) -> None:
-        self._observe(1, step, torch.isfinite(loss.detach()).all())
+        self._observe(1, step, loss)
 
     def observe_gradients(self, step: int, params: Iterable[torch.Tensor]) -> None:
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [p.grad.detach() for p in params if p.grad is not None and p.grad.numel() > 0]
         if grads:
-            self._observe(2, step, torch.stack([torch.isfinite(g).all() for g in grads]).all())
+            self._observe(2, step, torch.stack(torch._foreach_norm(grads, float("inf"))))
 
     def check(self) -> None:
         first = self.first_bad.tolist()
-        failed = [(step, i) for i, step in enumerate(first) if step > 0]
+        failed = [(step, i) for i, step in enumerate(first) if step != self.NEVER]
         if failed:
             step, index = min(failed)
             raise DivergenceError(self.stage, step, self.QUANTITIES[index])
