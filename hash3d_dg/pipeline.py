@@ -107,26 +107,15 @@ def build_guidance(cfg: RunConfig, device: torch.device, dtype: torch.dtype, com
             family = "stable" if family == "auto" else family
             model = str(tiny_model_dir(family))
         components = load_zero123(model, device=device, dtype=dtype, family=family)
-    from hash3d_dg.accel import resolve_switch
-    from hash3d_dg.guidance.graphed import GraphedAutograd, GraphedCalls, GraphedSplit, use_cuda_graphs
+    from hash3d_dg.guidance.graphed import accelerate
 
     latent_vae = load_latent_vae(cfg.guidance, cfg.hash3d.mode, device, dtype)
-    if resolve_switch(cfg.guidance.channels_last, device, "guidance.channels_last"):
-        # cuDNN's NCHW->NHWC conversions were 19 % of the H200's GPU time
-        for module in (components.unet, components.vae, latent_vae):
-            if module is not None:
-                module.to(memory_format=torch.channels_last)
-    split = UNetSplit(components.unet, cfg.hash3d.cache_point)
-    graphs = use_cuda_graphs(cfg.guidance.cuda_graphs, device)
-    if graphs:
-        split = GraphedSplit(split)
-    denoiser = CachedDenoiser(split, make_cache(cfg.hash3d, seed=cfg.seed))
+    denoiser = CachedDenoiser(UNetSplit(components.unet, cfg.hash3d.cache_point),
+                              make_cache(cfg.hash3d, seed=cfg.seed))
     guidance = Zero123Guidance(components, denoiser=denoiser, guidance_scale=cfg.guidance.guidance_scale,
                                image_size=cfg.guidance.image_size, seed=cfg.seed, latent_vae=latent_vae,
                                hash3d=cfg.hash3d)
-    if graphs:  # the autoencoder calls too: stage 2's encode and decode, stage 1's encode
-        guidance.graph_calls = split.calls = GraphedCalls(capture=True)
-        guidance.grad_graph_calls = split.grad_calls = GraphedAutograd(capture=True)
+    accelerate(guidance, cfg.guidance, device)  # channels_last, CUDA graphs (auto: on CUDA)
     return guidance
 
 

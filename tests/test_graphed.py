@@ -8,7 +8,7 @@ import torch
 
 from hash3d_dg.guidance.unet_split import UNetSplit
 from hash3d_dg.config import TINY_MODEL, ConfigError, build_config
-from hash3d_dg.guidance.graphed import GraphedAutograd, GraphedCalls, GraphedSplit, use_cuda_graphs
+from hash3d_dg.guidance.graphed import GraphedSplit, attach_graphs, use_cuda_graphs
 from hash3d_dg.pipeline import build_guidance
 from hash3d_dg.eval.samples import render_sample
 from hash3d_dg.stages import ReferenceView
@@ -23,9 +23,7 @@ def _cfg(mode="paper", **guidance):
 def _guidance(cfg, graphed: bool):
     g = build_guidance(cfg, torch.device("cpu"), torch.float32)
     if graphed:
-        g.denoiser.model = GraphedSplit(g.denoiser.model, capture=False)
-        g.graph_calls = g.denoiser.model.calls = GraphedCalls(capture=False)
-        g.grad_graph_calls = g.denoiser.model.grad_calls = GraphedAutograd(capture=False)
+        attach_graphs(g, capture=False)
     ref = ReferenceView.from_rgba(render_sample("ball", 32), 0.0, 2.0, 49.1, 32)
     g.set_reference(ref.image_nchw(), 0.0)
     return g
@@ -54,14 +52,64 @@ def test_static_buffer_path_is_bitwise_the_eager_path_on_cpu(mode):
     if mode == "paper":
         assert graphed.stats()["unet"]["shallow_calls"] > 0  # both paths replayed
     stats = graphed.denoiser.model.stats()
-    assert stats["graphs"] == (1 if mode == "off" else 2), stats  # one per path and batch shape
-    assert stats["replays"] == 6 and stats["encoder_autograd_replays"] == 6
+    # stage 1's SDS steps: one fused graph per path and batch shape (full; shallow when a hit)
+    assert graphed.sds_step.stats()["graphs"] == (1 if mode == "off" else 2), stats
+    assert stats["sds_step_replays"] == 6 and stats["encoder_autograd_replays"] == 6
+    assert stats["replays"] == 0  # the UNet's own graphs only serve the refine below
     # stage 2's refine through the same buffers
     img = torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(5))
     ra = eager.refine(img, [10.0], [40.0], [0.0], strength=0.8, steps=10)
     rb = graphed.refine(img, [10.0], [40.0], [0.0], strength=0.8, steps=10)
     assert torch.equal(ra, rb)
     assert graphed.graph_calls.stats()["graphs"] == 2  # the refine's encode and its decode
+    assert graphed.denoiser.model.stats()["replays"] > 0
+
+
+@pytest.mark.parametrize("mode", ["off", "paper"])
+def test_fused_step_takes_the_eager_path_for_several_views_with_a_table(mode):
+    """Two views per call: with a table (some views may hit, others miss) the eager path, without
+    one the fused full path; both bitwise the eager guidance."""
+    cfg = _cfg(mode)
+    eager, graphed = _guidance(cfg, False), _guidance(cfg, True)
+    gen = torch.Generator().manual_seed(1)
+    for i in range(4):
+        images = torch.rand(2, 3, 24, 24, generator=gen)
+        cams = ([0.0, 5.0], [10.0 + i, -20.0], [0.0, 0.0])
+        results = []
+        for g in (eager, graphed):
+            x = images.clone().requires_grad_()
+            loss = g.sds(x, *cams, step_ratio=0.4)
+            loss.backward()
+            results.append((loss.detach(), x.grad))
+        assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert eager.stats() == graphed.stats()
+    assert graphed.sds_step.stats()["replays"] == (4 if mode == "off" else 0)
+
+
+def test_fused_step_is_bitwise_the_eager_step_for_the_text_guidance():
+    from hash3d_dg.guidance.sd import build_sd_guidance
+
+    cfg = build_config({"device": "cpu", "seed": 0, "guidance": {"type": "sd", "model": "builtin:tiny",
+                        "image_size": 64}, "hash3d": {"mode": "paper", "eta": 1.0}})
+    runs = []
+    for graphed in (False, True):
+        g = build_sd_guidance(cfg, torch.device("cpu"), torch.float32)
+        if graphed:
+            attach_graphs(g, capture=False)
+        g.set_reference(None, 0.0)
+        g.set_prompt("a red cube", "blurry")
+        gen = torch.Generator().manual_seed(2)
+        out = []
+        for i in range(4):
+            x = torch.rand(1, 3, 40, 40, generator=gen).requires_grad_()
+            loss = g.sds(x, [0.0], [5.0 * (i % 2)], [0.0], step_ratio=0.3)
+            loss.backward()
+            out.append((loss.detach(), x.grad))
+        runs.append((out, g.stats()))
+    (a, sa), (b, sb) = runs
+    for (la, ga), (lb, gb) in zip(a, b):
+        assert torch.equal(la, lb) and torch.equal(ga, gb)
+    assert sa == sb and sb["unet"]["shallow_calls"] > 0
 
 
 def test_cuda_graphs_setting():
@@ -137,6 +185,8 @@ def test_graphed_guidance_equals_eager_guidance_on_cuda():
             losses.append((float(loss), img.grad.detach().cpu()))
         refined = g.refine(torch.rand(1, 3, 24, 24, generator=gen).cuda(), [5.0], [30.0], [0.0],
                            strength=0.8, steps=10).cpu()
+        if graphs == "on":
+            assert g.sds_step.stats()["replays"] == 4  # every SDS step replayed the fused graph
         runs.append((losses, refined, g.stats()))
     (la, ra, sa), (lb, rb, sb) = runs
     assert sa == sb  # the same hits and misses

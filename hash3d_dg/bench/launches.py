@@ -604,7 +604,7 @@ def count_stage(stage: str, mode: str, guidance=None, cfg=None, graphs: bool = T
     docstring); ``guidance`` and ``cfg`` default to the tiny model and ``launch_config(mode)``.
     ``graphs``: the UNet calls go through ``GraphedSplit`` as with ``guidance.cuda_graphs=auto``
     on CUDA (each replay one launch), else eager."""
-    from hash3d_dg.guidance.graphed import GraphedAutograd, GraphedCalls, GraphedSplit
+    from hash3d_dg.guidance.graphed import attach_graphs, detach_graphs
 
     from hash3d_dg import accel
     from hash3d_dg.bench.harness import standin_mesh
@@ -619,14 +619,10 @@ def count_stage(stage: str, mode: str, guidance=None, cfg=None, graphs: bool = T
     ref = ReferenceView.from_rgba(render_sample("ball", cfg.stage1.ref_size), cfg.elevation,
                                   cfg.radius, cfg.fovy, cfg.stage1.ref_size)
     guidance.set_reference(ref.image_nchw(), cfg.elevation)
-    model = guidance.denoiser.model
-    if graphs and not isinstance(model, GraphedSplit):
-        guidance.denoiser.model = GraphedSplit(model, capture=False)
-    elif not graphs and isinstance(model, GraphedSplit):
-        guidance.denoiser.model = model.split
-    if hasattr(guidance, "graph_calls"):  # stage 2's autoencoder calls, stage 1's encode
-        guidance.graph_calls = GraphedCalls(capture=False) if graphs else None
-        guidance.grad_graph_calls = GraphedAutograd(capture=False) if graphs else None
+    if graphs:  # the UNet paths, the autoencoder calls, the fused SDS step
+        attach_graphs(guidance, capture=False)
+    else:
+        detach_graphs(guidance)
     mesh = standin_mesh(texture_size=32, subdivisions=2) if stage == "stage2" else None
     counter = LaunchCounter()
     start = time.perf_counter()

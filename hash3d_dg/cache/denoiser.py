@@ -166,6 +166,50 @@ class CachedDenoiser:
         st["step"] += 1
         return out
 
+    # -- the table's side of a call (also used by a fused step, ``guidance/step_graph.py``) ----
+    def consults_table(self, keys: Sequence[CacheKey] | None) -> bool:
+        """Whether a call with ``keys`` goes through the grid cache (a table, keys, no trajectory
+        and no ``no_reuse`` context); otherwise it computes every view fully."""
+        return self.cache is not None and keys is not None and self._traj is None and not self._no_reuse
+
+    def lookup(self, keys: Sequence[CacheKey], view_query) -> dict[int, Tensor]:
+        """The views served from the table: ``{view: feature [n_copies, *F]}``. For each view in
+        order, the table's Bernoulli(eta) draw and, when it says retrieve, the lookup with
+        ``view_query(i)`` (called only then: the query may be computed lazily)."""
+        cache = self.cache
+        hit_features: dict[int, Tensor] = {}
+        for i, key in enumerate(keys):
+            if cache.should_retrieve():
+                found = cache.retrieve(key, view_query(i))
+                if found is not None:
+                    hit_features[i] = found[0]
+        return hit_features
+
+    def record_full(self, keys: Sequence[CacheKey] | None, view_query, feature: Tensor) -> None:
+        """After a full call of every view: each view's feature rows (``feature[i::B]``) into the
+        table with ``view_query(i)`` (when the table is consulted), and the counters."""
+        n_views = len(keys) if keys is not None else 1
+        if self.consults_table(keys):
+            feature = feature.detach()
+            for i in range(n_views):
+                self.cache.insert(keys[i], view_query(i), feature[i::n_views])
+        self.stats.full_calls += n_views
+        self.last_shallow = [False] * n_views
+
+    def record_shallow(self, n_views: int) -> None:
+        """After a shallow call of every view (each one a table hit): the counters."""
+        self.stats.shallow_calls += n_views
+        self.last_shallow = [True] * n_views
+
+    @staticmethod
+    def hit_rows(hit_features: dict[int, Tensor], hit_views: list[int], n_copies: int) -> Tensor:
+        """The cached features of ``hit_views`` as shallow-path rows ``[n_copies * n_hit, *F]``
+        (row ``c * n_hit + j``: copy ``c`` of hit view ``j``)."""
+        feats = torch.stack([hit_features[i] for i in hit_views])  # [n_hit, n_copies, *F]
+        if feats.shape[1] != n_copies:
+            raise ValueError(f"cached feature holds {feats.shape[1]} copies, the batch has {n_copies}")
+        return feats.transpose(0, 1).reshape(n_copies * len(hit_views), *feats.shape[2:])
+
     # -- the call ------------------------------------------------------------------------------
     def __call__(self, sample: Tensor, timestep: Any, context: Any,
                  keys: Sequence[CacheKey] | None = None, query: Tensor | None = None) -> Tensor:
@@ -204,12 +248,7 @@ class CachedDenoiser:
         def view_query(i: int) -> Tensor:
             return query[i] if query is not None else sample[i::n_views]
 
-        hit_features: dict[int, Tensor] = {}
-        for i, key in enumerate(keys):
-            if cache.should_retrieve():
-                found = cache.retrieve(key, view_query(i))
-                if found is not None:
-                    hit_features[i] = found[0]
+        hit_features = self.lookup(keys, view_query)
         full_views = [i for i in range(n_views) if i not in hit_features]
         hit_views = [i for i in range(n_views) if i in hit_features]
 
@@ -220,11 +259,7 @@ class CachedDenoiser:
         order: list[Tensor] = []
         if full_views and not hit_views:  # every row, in order: no gather
             out_f, feat_f = self.model.full(sample, timestep, context)
-            feat_f = feat_f.detach()
-            for j, i in enumerate(full_views):
-                cache.insert(keys[i], view_query(i), feat_f[j::n_views])
-            self.stats.full_calls += n_views
-            self.last_shallow = [False] * n_views
+            self.record_full(keys, view_query, feat_f)
             return out_f
         if full_views:
             rows = rows_of(full_views)
@@ -239,10 +274,7 @@ class CachedDenoiser:
             order.append(rows)
         if hit_views:
             rows = rows_of(hit_views)
-            feats = torch.stack([hit_features[i] for i in hit_views])  # [n_hit, n_copies, *F]
-            if feats.shape[1] != n_copies:
-                raise ValueError(f"cached feature holds {feats.shape[1]} copies, the batch has {n_copies}")
-            feats = feats.transpose(0, 1).reshape(n_copies * len(hit_views), *feats.shape[2:])
+            feats = self.hit_rows(hit_features, hit_views, n_copies)
             out_h = self.model.shallow(sample.index_select(0, rows),
                                        _select_rows(timestep, rows, n_rows, "timestep"),
                                        _select_rows(context, rows, n_rows, "context"),

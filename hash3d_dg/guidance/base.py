@@ -88,6 +88,9 @@ class ScoreDistillation:
         self.sds_scale = float(sds_scale)
         self.seed = int(seed)
         self.generator = torch.Generator(device=generator_device).manual_seed(self.seed)
+        #: stage 1's SDS step after the encode replayed as one CUDA graph per path
+        #: (``step_graph.SDSStepGraph``, set with ``guidance.cuda_graphs``); None: eager
+        self.sds_step = None
 
     # ------------------------------------------------------------------ what an implementation supplies
 
@@ -163,10 +166,14 @@ class ScoreDistillation:
         t = self.timestep_for(step_ratio)
         with torch.no_grad():
             noise = self.draw_noise(x) if noise is None else noise.to(x.device, torch.float32)
-            condition = self.condition(d_elevation, d_azimuth, d_radius, x.shape[0])
-            x_t = self.add_noise(x.detach().float(), noise, t)
-            eps = self.predict(x_t, t, condition)
-            grad = torch.nan_to_num(self.sds_weight(t) * (eps - noise))
+            if self.sds_step is not None and self.sds_step.applies(self, x):
+                # the same computation, replayed from one graph per path (step_graph.py)
+                grad = self.sds_step(self, x.detach().float(), noise, t, d_elevation, d_azimuth, d_radius)
+            else:
+                condition = self.condition(d_elevation, d_azimuth, d_radius, x.shape[0])
+                x_t = self.add_noise(x.detach().float(), noise, t)
+                eps = self.predict(x_t, t, condition)
+                grad = torch.nan_to_num(self.sds_weight(t) * (eps - noise))
             target = x.detach().float() - grad
         loss = 0.5 * F.mse_loss(x.float(), target, reduction="sum")
         return loss if self.sds_scale == 1.0 else self.sds_scale * loss

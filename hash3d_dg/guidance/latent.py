@@ -111,10 +111,18 @@ class LatentGuidance(ScoreDistillation):
 
     def add_noise(self, x: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
         t_tensor = torch.full((x.shape[0],), t, device=self.device, dtype=torch.long)
-        return self.scheduler.add_noise(x, noise, t_tensor)
+        return self.add_noise_at(x, noise, t_tensor)
+
+    def add_noise_at(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``add_noise`` at device timesteps t [B] (alpha_bar gathered on the device)."""
+        return self.scheduler.add_noise(x, noise, t)
 
     def sds_weight(self, t: int) -> torch.Tensor:
         return 1.0 - self.alphas_cumprod[t]
+
+    def sds_weight_at(self, t: torch.Tensor) -> torch.Tensor:
+        """w(t) [B, 1, 1, 1] at device timesteps t [B]: the same values as ``sds_weight``."""
+        return 1.0 - self.alphas_cumprod[t].view(-1, 1, 1, 1)
 
     def make_refine_scheduler(self, steps: int) -> DDIMScheduler:
         self.refine_scheduler.set_timesteps(int(steps))  # host timesteps: read without a sync

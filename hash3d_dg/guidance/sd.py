@@ -135,13 +135,30 @@ class StableDiffusionGuidance(LatentGuidance):
         """(context [2B, L, D] ordered [prompt x B; negative x B], the B views' absolute cameras)."""
         if not self.embeddings:
             raise RuntimeError("call set_prompt(prompt, negative_prompt) before using the guidance")
+        context = self.context_from(batch, self.embeddings["pos"], self.embeddings["neg"])
+        return context, self.cameras(d_elevation, d_azimuth, d_radius, batch)
+
+    def cameras(self, d_elevation: FloatSeq, d_azimuth: FloatSeq, d_radius: FloatSeq,
+                batch: int) -> list[tuple[float, float, float]]:
+        """The B views' absolute (azimuth, elevation, radius)."""
         el = _floats(d_elevation, "d_elevation", batch)
         az = _floats(d_azimuth, "d_azimuth", batch)
         rad = _floats(d_radius, "d_radius", batch)
-        context = torch.cat([self.embeddings["pos"].expand(batch, -1, -1),
-                             self.embeddings["neg"].expand(batch, -1, -1)], dim=0)
-        cameras = [(a, self.elevation + e, self.radius + r) for e, a, r in zip(el, az, rad)]
-        return context, cameras
+        return [(a, self.elevation + e, self.radius + r) for e, a, r in zip(el, az, rad)]
+
+    @staticmethod
+    def context_from(batch: int, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        """The CFG context [2B, L, D]: the prompt's embedding B times, then the negative's."""
+        return torch.cat([pos.expand(batch, -1, -1), neg.expand(batch, -1, -1)], dim=0)
+
+    def cache_keys(self, d_elevation: FloatSeq, d_azimuth: FloatSeq, d_radius: FloatSeq,
+                   timestep: int, batch: int) -> list[CacheKey]:
+        """One Hash3D key per view: the absolute camera and the timestep."""
+        return self._keys(self.cameras(d_elevation, d_azimuth, d_radius, batch), timestep)
+
+    @staticmethod
+    def _keys(cameras, timestep: int) -> list[CacheKey]:
+        return [CacheKey(azimuth=a, elevation=e, radius=r, timestep=float(timestep)) for a, e, r in cameras]
 
     # ------------------------------------------------------------------ noise prediction
 
@@ -153,14 +170,36 @@ class StableDiffusionGuidance(LatentGuidance):
         x = x_t.to(self.dtype)
         sample = torch.cat([x, x], dim=0)
         t_in = torch.full((2 * batch,), int(t), device=self.device, dtype=torch.long)
-        keys = [CacheKey(azimuth=a, elevation=e, radius=r, timestep=float(t)) for a, e, r in cameras]
-        out = self.denoiser(sample, t_in, context, keys=keys, query=x).float()
-        cond, uncond = out.chunk(2, dim=0)
+        out = self.denoiser(sample, t_in, context, keys=self._keys(cameras, t), query=x)
+        alpha_bar = self.alphas_cumprod[int(t)] if self.v_prediction else None
+        return self._guide(out, x_t, alpha_bar)
+
+    def _guide(self, out: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor | None) -> torch.Tensor:
+        """CFG of the [prompt; negative] prediction, float32; a v-prediction turned into eps."""
+        cond, uncond = out.float().chunk(2, dim=0)
         guided = uncond + self.guidance_scale * (cond - uncond)
         if self.v_prediction:
-            alpha_bar = self.alphas_cumprod[int(t)]
             guided = alpha_bar.sqrt() * guided + (1.0 - alpha_bar).sqrt() * x_t.float()
         return guided
+
+    # ------------------------------------------------------------------ the fused SDS step (step_graph.py)
+
+    def step_tensors(self, d_elevation: FloatSeq, d_azimuth: FloatSeq, d_radius: FloatSeq,
+                     batch: int) -> list[torch.Tensor]:
+        """What the fused step's graph reads per call besides x, the noise and t: the prompt's and
+        the negative prompt's embeddings."""
+        if not self.embeddings:
+            raise RuntimeError("call set_prompt(prompt, negative_prompt) before using the guidance")
+        return [self.embeddings["pos"], self.embeddings["neg"]]
+
+    def step_model_inputs(self, x: torch.Tensor, t: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor):
+        """(sample, timestep [2B], context) of the UNet call for noisy latents x (model dtype) at
+        the device timesteps t [B]: the same ops as ``condition`` + ``predict``."""
+        return torch.cat([x, x], dim=0), torch.cat([t, t]), self.context_from(x.shape[0], pos, neg)
+
+    def step_guide(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        alpha_bar = self.alphas_cumprod[t].view(-1, 1, 1, 1) if self.v_prediction else None
+        return self._guide(out, x_t, alpha_bar)
 
     def sds_latents(self, latents: torch.Tensor, d_elevation: FloatSeq, d_azimuth: FloatSeq,
                     d_radius: FloatSeq, step_ratio: float | None = None,
@@ -176,6 +215,7 @@ def build_sd_guidance(cfg, device: torch.device, dtype: torch.dtype, components:
     checkpoint to wrap instead of loading ``cfg.guidance.model`` (``builtin:tiny``: the built-in
     tiny random checkpoint)."""
     from hash3d_dg.cache import make_cache
+    from hash3d_dg.guidance.graphed import accelerate
     from hash3d_dg.guidance.loading import load_latent_vae
     from hash3d_dg.guidance.sd_loading import load_stable_diffusion, tiny_sd_model_dir
 
@@ -186,6 +226,8 @@ def build_sd_guidance(cfg, device: torch.device, dtype: torch.dtype, components:
         components = load_stable_diffusion(model, device=device, dtype=dtype)
     denoiser = CachedDenoiser(UNetSplit(components.unet, cfg.hash3d.cache_point), make_cache(cfg.hash3d, seed=cfg.seed))
     latent_vae = load_latent_vae(cfg.guidance, cfg.hash3d.mode, device, dtype)
-    return StableDiffusionGuidance(components, denoiser=denoiser, guidance_scale=cfg.guidance.guidance_scale,
-                                   image_size=cfg.guidance.image_size, seed=cfg.seed, latent_vae=latent_vae,
-                                   hash3d=cfg.hash3d, radius=cfg.radius)
+    guidance = StableDiffusionGuidance(components, denoiser=denoiser, guidance_scale=cfg.guidance.guidance_scale,
+                                       image_size=cfg.guidance.image_size, seed=cfg.seed, latent_vae=latent_vae,
+                                       hash3d=cfg.hash3d, radius=cfg.radius)
+    accelerate(guidance, cfg.guidance, device)  # channels_last, CUDA graphs (auto: on CUDA)
+    return guidance

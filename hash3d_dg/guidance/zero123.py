@@ -159,11 +159,17 @@ class Zero123Guidance(LatentGuidance):
         if self.ref_embeddings is None or self.ref_latents is None:
             raise RuntimeError("call set_reference(image, elevation) before using the guidance")
         cam = self.camera_embedding(d_elevation, d_azimuth, d_radius)  # [B, 4]
+        return self.conditioning_from(cam, self.ref_embeddings, self.ref_latents)
+
+    def conditioning_from(self, cam: torch.Tensor, ref_embeddings: torch.Tensor,
+                          ref_latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``conditioning`` from the camera embedding [B, 4] and the reference's CLIP embedding and
+        latent: device ops only (what the fused SDS step's graph runs)."""
         batch = cam.shape[0]
-        embed = torch.cat([self.ref_embeddings.expand(batch, 1, -1), cam[:, None, :].to(self.dtype)], dim=-1)
+        embed = torch.cat([ref_embeddings.expand(batch, 1, -1), cam[:, None, :].to(self.dtype)], dim=-1)
         cond = self.components.camera_projection(embed)  # [B, 1, D]
         context = torch.cat([cond, torch.zeros_like(cond)], dim=0)
-        lat = self.ref_latents.expand(batch, -1, -1, -1)
+        lat = ref_latents.expand(batch, -1, -1, -1)
         image_latents = torch.cat([lat, torch.zeros_like(lat)], dim=0)
         return context, image_latents
 
@@ -192,15 +198,54 @@ class Zero123Guidance(LatentGuidance):
         context, image_latents = conditioning
         batch = noisy_latents.shape[0]
         x = noisy_latents.to(self.dtype)
-        sample = torch.cat([torch.cat([x, x], dim=0), image_latents], dim=1)  # [2B, 8, h, w]
+        sample = self.unet_sample(x, image_latents)
         t_in = torch.full((2 * batch,), int(timestep), device=self.device, dtype=torch.long)
+        keys = self.cache_keys(d_elevation, d_azimuth, d_radius, timestep, batch)
+        out = self.denoiser(sample, t_in, context, keys=keys, query=x)
+        return self.guide(out)
+
+    @staticmethod
+    def unet_sample(x: torch.Tensor, image_latents: torch.Tensor) -> torch.Tensor:
+        """The UNet input [2B, 8, h, w]: the noisy latents x [B, 4, h, w] (model dtype) for the
+        cond and the uncond rows, concatenated with the image latents along channels."""
+        return torch.cat([torch.cat([x, x], dim=0), image_latents], dim=1)
+
+    def guide(self, out: torch.Tensor) -> torch.Tensor:
+        """Classifier-free guidance of the UNet's [cond; uncond] prediction, float32."""
+        eps_cond, eps_uncond = out.float().chunk(2, dim=0)
+        return eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
+
+    @staticmethod
+    def cache_keys(d_elevation: FloatSeq, d_azimuth: FloatSeq, d_radius: FloatSeq, timestep: int,
+                   batch: int) -> list[CacheKey]:
+        """One Hash3D key per view: the relative camera and the timestep."""
         el = _as_float64(d_elevation, "d_elevation", batch).tolist()
         az = _as_float64(d_azimuth, "d_azimuth", batch).tolist()
         rad = _as_float64(d_radius, "d_radius", batch).tolist()
-        keys = [CacheKey(azimuth=a, elevation=e, radius=r, timestep=float(timestep)) for a, e, r in zip(az, el, rad)]
-        out = self.denoiser(sample, t_in, context, keys=keys, query=x).float()
-        eps_cond, eps_uncond = out.chunk(2, dim=0)
-        return eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
+        return [CacheKey(azimuth=a, elevation=e, radius=r, timestep=float(timestep)) for a, e, r in zip(az, el, rad)]
+
+    # ------------------------------------------------------------------ the fused SDS step (step_graph.py)
+
+    def step_tensors(self, d_elevation: FloatSeq, d_azimuth: FloatSeq, d_radius: FloatSeq,
+                     batch: int) -> list[torch.Tensor]:
+        """What the fused step's graph reads per call besides x, the noise and t: the camera
+        embedding (one upload) and the reference's embedding and latent."""
+        if self.ref_embeddings is None or self.ref_latents is None:
+            raise RuntimeError("call set_reference(image, elevation) before using the guidance")
+        cam = self.camera_embedding(d_elevation, d_azimuth, d_radius)
+        if cam.shape[0] != batch:
+            raise ValueError(f"{cam.shape[0]} cameras for {batch} images")
+        return [cam, self.ref_embeddings, self.ref_latents]
+
+    def step_model_inputs(self, x: torch.Tensor, t: torch.Tensor, cam: torch.Tensor,
+                          ref_embeddings: torch.Tensor, ref_latents: torch.Tensor):
+        """(sample, timestep [2B], context) of the UNet call for noisy latents x (model dtype) at
+        the device timesteps t [B]: the same ops as ``conditioning`` + ``predict_noise``."""
+        context, image_latents = self.conditioning_from(cam, ref_embeddings, ref_latents)
+        return self.unet_sample(x, image_latents), torch.cat([t, t]), context
+
+    def step_guide(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.guide(out)
 
     # ------------------------------------------------------------------ the core's hooks
 
