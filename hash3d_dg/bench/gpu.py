@@ -443,6 +443,10 @@ def summarize(results: dict) -> str:
         lines.append(f"graphs {point}: full {row['full_eager_ms']} -> {row['full_graph_ms']} ms, shallow "
                      f"{row['shallow_eager_ms']} -> {row['shallow_graph_ms']} ms (eager -> graph; max diff "
                      f"{_fmt(row['full_max_abs_diff'])}, capture {row['capture_s']} s)")
+    step = parts.get("graphs", {}).get("sds_step")
+    if step:
+        lines.append(f"graphs sds step (after the encode): {step.get('eager_ms')} -> {step.get('graph_ms')} ms, "
+                     f"grad max rel diff {_fmt(step.get('grad_max_rel_diff'))}")
     for name, p in parts.items():
         if name.startswith("e2e") and p.get("status") == "ok":
             lines.append(f"{name} load {p.get('load_s')}, GPU busy % {p.get('gpu_busy_pct')}, "

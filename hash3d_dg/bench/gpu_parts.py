@@ -571,7 +571,39 @@ def part_graphs(checkpoint: str, dtype: str = "float16", repeats: int = 20) -> d
             "feature_max_abs_diff": float((gfeat.float() - feat.float()).abs().max()),
             "shallow_max_abs_diff": float((sh.float() - ref.float()).abs().max()),
             "capture_s": graphed.stats()["capture_seconds"]}
-    return {"dtype": dtype, "repeats": repeats, "points": rows, "peak_gpu_mem_gib": _peak_gib()}
+    return {"dtype": dtype, "repeats": repeats, "points": rows,
+            "sds_step": _sds_step_graph_vs_eager(comp, median_ms), "peak_gpu_mem_gib": _peak_gib()}
+
+
+def _sds_step_graph_vs_eager(comp, median_ms) -> dict:
+    """Stage 1's whole SDS step after the encode (``sds_x``: conditioning, forward process, UNet,
+    CFG, gradient, loss) eager against the fused graph (``step_graph.SDSStepGraph``), no table;
+    the same timestep and noise for both, so the gradients should agree to fp16 rounding."""
+    import torch
+
+    from hash3d_dg.guidance import Zero123Guidance
+    from hash3d_dg.guidance.graphed import attach_graphs
+
+    g = Zero123Guidance(comp, image_size=256, seed=0)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    g.set_reference(torch.rand(1, 3, 256, 256, generator=gen, device="cuda"), 0.0)
+    latents = torch.randn(1, 4, 32, 32, generator=gen, device="cuda", dtype=g.dtype)
+    noise = torch.randn(1, 4, 32, 32, generator=gen, device="cuda")
+
+    def step():
+        with torch.enable_grad():  # median_ms times under no_grad
+            x = latents.clone().float().requires_grad_()
+            g.sds_x(x, [10.0], [30.0], [0.0], step_ratio=0.5, noise=noise).backward()
+        return x.grad
+
+    eager_grad = step()
+    eager_ms = median_ms(step)
+    attach_graphs(g, capture=True)
+    graph_grad = step()
+    scale = float(eager_grad.abs().max()) or 1.0
+    return {"eager_ms": eager_ms, "graph_ms": median_ms(step),
+            "grad_max_rel_diff": float((graph_grad - eager_grad).abs().max()) / scale,
+            "capture_s": g.sds_step.stats()["capture_seconds"]}
 
 
 def part_launches() -> dict:
