@@ -148,23 +148,66 @@ class CachedDenoiser:
         finally:
             self._traj = None
 
-    def _trajectory_step(self, sample: Tensor, timestep: Any, context: Any, n_views: int) -> Tensor:
+    def _trajectory_feature(self, shape: tuple) -> Tensor | None:
+        """The kept feature this trajectory step runs shallow from, or None: a full step."""
         st = self._traj
         assert st is not None
-        shape = tuple(sample.shape)
         if st["feature"] is None or st["shape"] != shape:
             st["step"] = 0
-        if st["step"] % st["interval"] == 0:
-            out, feature = self.model.full(sample, timestep, context)
+        return None if st["step"] % st["interval"] == 0 else st["feature"]
+
+    def _trajectory_done(self, n_views: int, feature: Tensor | None = None, shape: tuple | None = None) -> None:
+        """After a trajectory step: keep a full step's feature; count; advance."""
+        st = self._traj
+        if feature is not None:
             st["feature"], st["shape"] = feature.detach(), shape
             self.stats.full_calls += n_views
             self.last_shallow = [False] * n_views
         else:
-            out = self.model.shallow(sample, timestep, context, st["feature"])
             self.stats.shallow_calls += n_views
             self.last_shallow = [True] * n_views
         st["step"] += 1
+
+    def _trajectory_step(self, sample: Tensor, timestep: Any, context: Any, n_views: int) -> Tensor:
+        shape = tuple(sample.shape)
+        kept = self._trajectory_feature(shape)
+        if kept is None:
+            out, feature = self.model.full(sample, timestep, context)
+            self._trajectory_done(n_views, feature, shape)
+        else:
+            out = self.model.shallow(sample, timestep, context, kept)
+            self._trajectory_done(n_views)
         return out
+
+    # -- one path for every view of a call (the fused steps of ``guidance/step_graph.py``) -----
+    def uniform(self, n_views: int) -> bool:
+        """Whether every view of a call takes the same path (full or shallow): one view, a
+        trajectory step, or no table to consult. Then ``decide`` / ``done`` replace the call's
+        own bookkeeping for a caller that runs the model itself."""
+        return n_views == 1 or self._traj is not None or self.cache is None or self._no_reuse
+
+    def decide(self, keys: Sequence[CacheKey], view_query, shape: tuple, n_copies: int) -> Tensor | None:
+        """For a ``uniform`` call: the feature rows ``[n_copies * B, *F]`` its views run shallow
+        from, or None (full). The same host decisions, in the same order, as the call itself
+        (the trajectory schedule, or the table's draws and lookups; ``shape``: the trajectory's
+        batch-shape key)."""
+        if self._traj is not None:
+            return self._trajectory_feature(shape)
+        if not self.consults_table(keys):
+            return None
+        hits = self.lookup(keys, view_query)
+        return self.hit_rows(hits, list(range(len(keys))), n_copies) if hits else None
+
+    def done(self, keys: Sequence[CacheKey], view_query, shape: tuple,
+             feature: Tensor | None = None) -> None:
+        """After a ``decide``-d call: a full call's ``feature`` (None after a shallow one) kept by the
+        trajectory or inserted into the table; the counters."""
+        if self._traj is not None:
+            self._trajectory_done(len(keys), feature, shape)
+        elif feature is not None:
+            self.record_full(keys, view_query, feature)
+        else:
+            self.record_shallow(len(keys))
 
     # -- the table's side of a call (also used by a fused step, ``guidance/step_graph.py``) ----
     def consults_table(self, keys: Sequence[CacheKey] | None) -> bool:

@@ -91,6 +91,9 @@ class ScoreDistillation:
         #: stage 1's SDS step after the encode replayed as one CUDA graph per path
         #: (``step_graph.SDSStepGraph``, set with ``guidance.cuda_graphs``); None: eager
         self.sds_step = None
+        #: stage 2's DDIM refine step replayed as one CUDA graph per path
+        #: (``step_graph.RefineStepGraph``); None: eager
+        self.refine_step = None
 
     # ------------------------------------------------------------------ what an implementation supplies
 
@@ -203,6 +206,18 @@ class ScoreDistillation:
         noise = self.draw_noise(x)
         start = torch.full((x.shape[0],), timesteps[0], dtype=torch.long, device=x.device)
         x = scheduler.add_noise(x, noise, start)
+        step = self.refine_step
+        if step is not None and step.applies(self, scheduler, x):
+            # each DDIM step (UNet, CFG, update) replayed from one graph per path (step_graph.py)
+            batch = x.shape[0]
+            tensors = self.step_tensors(d_elevation, d_azimuth, d_radius, batch)
+            alphas = step.alphas(scheduler, x.device)
+            indices = step.indices(scheduler, timesteps, x.device)
+            with self._refine_reuse():
+                for i, t in enumerate(timesteps):
+                    keys = self.cache_keys(d_elevation, d_azimuth, d_radius, t, batch)
+                    x = step(self, x, t, indices[i], alphas, tensors, keys)
+            return self.decode(x)
         condition = self.condition(d_elevation, d_azimuth, d_radius, x.shape[0])
         with self._refine_reuse():
             for t in timesteps:

@@ -120,6 +120,7 @@ class GraphedSplit:
         self.calls: GraphedCalls | None = None  # the guidance's autoencoder graphs (for stats)
         self.grad_calls: GraphedAutograd | None = None  # its differentiable encode (for stats)
         self.step_graph = None  # its fused SDS step (``step_graph.SDSStepGraph``, for stats)
+        self.refine_graph = None  # its fused refine step (``step_graph.RefineStepGraph``, for stats)
 
     def __getattr__(self, name):  # unet, cache_point, n_skips, ...
         return getattr(self.split, name)
@@ -162,7 +163,7 @@ class GraphedSplit:
         out = {"graphs": self.captures, "replays": self.replays,
                "capture_seconds": round(self.capture_seconds, 3), "captured": self.capture}
         for name, calls in (("autoencoder", self.calls), ("encoder_autograd", self.grad_calls),
-                            ("sds_step", self.step_graph)):
+                            ("sds_step", self.step_graph), ("refine_step", self.refine_graph)):
             if calls is not None:  # the autoencoder's graphs of the same guidance
                 extra = calls.stats()
                 out.update(graphs=out["graphs"] + extra["graphs"],
@@ -254,9 +255,10 @@ def attach_graphs(guidance, capture: bool) -> GraphedSplit:
     """Route a latent guidance's calls through CUDA graphs: the UNet's full and shallow paths
     (``GraphedSplit``, stage 2's refine steps), stage 2's autoencoder calls (``GraphedCalls``),
     stage 1's differentiable encode (``GraphedAutograd``) and stage 1's SDS step after the encode
-    (``step_graph.SDSStepGraph``). ``capture`` False: the same buffers and ops run eagerly (the
+    (``step_graph.SDSStepGraph``) and stage 2's DDIM refine steps (``step_graph.RefineStepGraph``).
+    ``capture`` False: the same buffers and ops run eagerly (the
     CPU path of the tests and of ``bench launches``). Returns the graphed split."""
-    from hash3d_dg.guidance.step_graph import SDSStepGraph
+    from hash3d_dg.guidance.step_graph import RefineStepGraph, SDSStepGraph
 
     denoiser = guidance.denoiser
     split = denoiser.model
@@ -265,6 +267,7 @@ def attach_graphs(guidance, capture: bool) -> GraphedSplit:
     guidance.graph_calls = split.calls = GraphedCalls(capture=capture)
     guidance.grad_graph_calls = split.grad_calls = GraphedAutograd(capture=capture)
     guidance.sds_step = split.step_graph = SDSStepGraph(capture=capture)
+    guidance.refine_step = split.refine_graph = RefineStepGraph(capture=capture)
     return split
 
 
@@ -273,7 +276,7 @@ def detach_graphs(guidance) -> None:
     denoiser = guidance.denoiser
     if isinstance(denoiser.model, GraphedSplit):
         denoiser.model = denoiser.model.split
-    guidance.graph_calls = guidance.grad_graph_calls = guidance.sds_step = None
+    guidance.graph_calls = guidance.grad_graph_calls = guidance.sds_step = guidance.refine_step = None
 
 
 def accelerate(guidance, guidance_cfg, device) -> bool:

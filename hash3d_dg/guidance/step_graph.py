@@ -68,8 +68,8 @@ class SDSStepGraph:
         self.replays = 0
 
     def applies(self, guidance, x: Tensor) -> bool:
-        """One view per call, or no table to consult (then every view takes the full path)."""
-        return x.shape[0] == 1 or guidance.denoiser.cache is None
+        """Every view of the call takes one path (one view, or no table to consult)."""
+        return guidance.denoiser.uniform(x.shape[0])
 
     @staticmethod
     def _body(guidance, split, shallow: bool):
@@ -109,27 +109,151 @@ class SDSStepGraph:
         tensors = guidance.step_tensors(d_elevation, d_azimuth, d_radius, batch)
         keys = guidance.cache_keys(d_elevation, d_azimuth, d_radius, t, batch)
         t_dev = upload([int(t)] * batch, x.device, torch.long)
-        denoiser = guidance.denoiser
-        hits: dict[int, Tensor] = {}
-        if denoiser.consults_table(keys):
-            query: list[Tensor] = []
+        query: list[Tensor] = []
 
-            def view_query(i: int) -> Tensor:  # x_t, computed only when the table asks for it
-                if not query:
-                    query.append(guidance.add_noise_at(x, noise, t_dev).to(guidance.dtype))
-                return query[0][i]
-            hits = denoiser.lookup(keys, view_query)
+        def view_query(i: int) -> Tensor:  # x_t, computed only when the table asks for it
+            if not query:
+                query.append(guidance.add_noise_at(x, noise, t_dev).to(guidance.dtype))
+            return query[0][i]
+
+        denoiser = guidance.denoiser
+        shape = ("sds",) + tuple(x.shape)
+        feature = denoiser.decide(keys, view_query, shape, CFG_COPIES)
         self.replays += 1
-        if hits:  # one view per call here (applies): every view is a hit
-            feature = denoiser.hit_rows(hits, list(range(batch)), CFG_COPIES).to(x.device)
-            inputs = [x, noise, t_dev, *tensors, feature]
+        if feature is not None:
+            inputs = [x, noise, t_dev, *tensors, feature.to(x.device)]
             grad, _ = self._path("shallow", guidance, inputs)(inputs)
-            denoiser.record_shallow(batch)
+            denoiser.done(keys, view_query, shape)
             return grad
         inputs = [x, noise, t_dev, *tensors]
         grad, x_q, feature = self._path("full", guidance, inputs)(inputs)
-        denoiser.record_full(keys, lambda i: x_q[i], feature)
+        denoiser.done(keys, lambda i: x_q[i], shape, feature)
         return grad
+
+    def stats(self) -> dict:
+        return {"graphs": len(self._paths), "replays": self.replays,
+                "capture_seconds": round(self.capture_seconds, 3)}
+
+
+def ddim_step(eps: Tensor, sample: Tensor, alpha_prod_t: Tensor, alpha_prod_t_prev: Tensor,
+              eta: float = 0.0) -> Tensor:
+    """One DDIM update x_t -> x_{t-1} from the noise prediction (formulas 12 and 16 of the DDIM
+    paper), with ``diffusers.DDIMScheduler.step``'s operations in its order (epsilon prediction,
+    no clipping or thresholding), so the values are the scheduler's to the bit; the alphas are
+    device tensors (gathered from the timesteps on the device: no host number inside)."""
+    beta_prod_t = 1 - alpha_prod_t
+    pred_original_sample = (sample - beta_prod_t ** (0.5) * eps) / alpha_prod_t ** (0.5)
+    beta_prod_t_prev = 1 - alpha_prod_t_prev
+    variance = (beta_prod_t_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
+    std_dev_t = eta * variance ** (0.5)
+    pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5) * eps
+    return alpha_prod_t_prev ** (0.5) * pred_original_sample + pred_sample_direction
+
+
+class RefineStepGraph:
+    """Stage 2's DDIM refine step (UNet full or shallow, CFG, the DDIM update) as one graph per
+    path and batch shape (see the module docstring; ``ScoreDistillation.refine`` calls it).
+
+    Static inputs: the sample x (float32), the pair (t, t_prev) as device indices into the
+    scheduler's alphas with the final alpha appended (so the update gathers alpha_t and
+    alpha_{t-1} on the device), the guidance's ``step_tensors`` and, on the shallow path, the
+    feature. Outputs: x_{t-1} and, on the full path, the feature. The path is chosen on the host
+    by the denoiser (``decide``: the trajectory schedule, the table, or full), as for an eager
+    step; the indices of a whole refine call are uploaded at once.
+    """
+
+    def __init__(self, capture: bool) -> None:
+        self.capture = bool(capture)
+        self._paths: dict[tuple, _Captured] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self._alphas: dict[int, Tensor] = {}  # per scheduler: alphas_cumprod + [final alpha]
+        self.capture_seconds = 0.0
+        self.replays = 0
+
+    @staticmethod
+    def applies(guidance, scheduler, x: Tensor) -> bool:
+        """A DDIM scheduler stepping eps without clipping or thresholding, and one path for
+        every view (``CachedDenoiser.uniform``)."""
+        from diffusers import DDIMScheduler
+
+        config = scheduler.config
+        return (isinstance(scheduler, DDIMScheduler) and config.prediction_type == "epsilon"
+                and not config.clip_sample and not config.thresholding
+                and guidance.denoiser.uniform(x.shape[0]))
+
+    def alphas(self, scheduler, device) -> Tensor:
+        """The scheduler's alphas_cumprod with its final alpha appended (index T), on the device,
+        uploaded once per scheduler (the graphs read this tensor)."""
+        key = id(scheduler)
+        if key not in self._alphas:
+            values = torch.cat([scheduler.alphas_cumprod.detach().to("cpu", torch.float32),
+                                torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32).reshape(1)])
+            self._alphas[key] = upload(values, device, torch.float32)
+        return self._alphas[key]
+
+    @staticmethod
+    def indices(scheduler, timesteps: list[int], device) -> Tensor:
+        """[steps, 2] (t, t_prev or T for the final alpha) of a refine call, one upload."""
+        jump = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        final = int(scheduler.config.num_train_timesteps)
+        rows = [[t, t - jump if t - jump >= 0 else final] for t in timesteps]
+        return upload(rows, device, torch.long)
+
+    @staticmethod
+    def _body(guidance, split, alphas: Tensor, shallow: bool):
+        def body(x, index, *rest):
+            tensors, feature = (rest[:-1], rest[-1]) if shallow else (rest, None)
+            batch = x.shape[0]
+            t = index[:1].expand(batch)
+            sample, t_in, context = guidance.step_model_inputs(x.to(guidance.dtype), t, *tensors)
+            if shallow:
+                out = split.shallow(sample, t_in, context, feature)
+            else:
+                out, feature = split.full(sample, t_in, context)
+            eps = guidance.step_guide(out, x, t)
+            alpha = alphas[index]
+            x_prev = ddim_step(eps, x, alpha[0], alpha[1]).float()
+            return x_prev if shallow else (x_prev, feature)
+        return body
+
+    def _path(self, name: str, guidance, alphas: Tensor, inputs: list[Tensor]) -> _Captured:
+        key = (name, alphas.data_ptr()) + tuple((tuple(t.shape), t.dtype, t.stride()) for t in inputs)
+        path = self._paths.get(key)
+        if path is None:
+            split = _raw_split(guidance.denoiser.model)
+            path = _Captured(self._body(guidance, split, alphas, name == "shallow"), inputs,
+                             self.capture, self._pool)
+            self._paths[key] = path
+            self.capture_seconds += path.capture_seconds
+            if self.capture:
+                log.info("captured the refine step's %s path as a CUDA graph in %.2f s", name,
+                         path.capture_seconds)
+        return path
+
+    def __call__(self, guidance, x: Tensor, t: int, index: Tensor, alphas: Tensor,
+                 tensors: list[Tensor], keys) -> Tensor:
+        """x_{t-1} from x_t [B, C, h, w] float32 at host timestep t (``index``: its row of
+        ``indices``), the denoiser's bookkeeping as for an eager step."""
+        denoiser = guidance.denoiser
+        query: list[Tensor] = []
+
+        def view_query(i: int) -> Tensor:
+            if not query:
+                query.append(x.to(guidance.dtype))
+            return query[0][i]
+
+        shape = ("refine",) + tuple(x.shape)
+        feature = denoiser.decide(keys, view_query, shape, CFG_COPIES)
+        self.replays += 1
+        if feature is not None:
+            inputs = [x, index, *tensors, feature.to(x.device)]
+            x_prev = self._path("shallow", guidance, alphas, inputs)(inputs)
+            denoiser.done(keys, view_query, shape)
+            return x_prev
+        inputs = [x, index, *tensors]
+        x_prev, feature = self._path("full", guidance, alphas, inputs)(inputs)
+        denoiser.done(keys, view_query, shape, feature)
+        return x_prev
 
     def stats(self) -> dict:
         return {"graphs": len(self._paths), "replays": self.replays,
