@@ -200,3 +200,18 @@ def test_a_batch_shape_change_keeps_own_copies_until_the_store_empties():
     assert cache._slots.live == 0
     cache.insert(key, torch.randn(other, generator=gen), feature)  # an empty store is re-made
     assert cache.entries()[0].slot == 0 and tuple(cache._slots.features.shape[1:]) == other
+
+
+@pytest.mark.parametrize("initial", [1, 4])
+def test_rows_written_inside_and_outside_inference_mode(initial, monkeypatch):
+    monkeypatch.setattr(slots_mod, "INITIAL_SLOTS", initial)  # 1: the store grows inside the mode
+    cfg = Hash3DConfig.preset("paper", eta=1.0, adaptive=False, memory_budget_bytes=ENTRY_BYTES)
+    cache = Hash3DCache(cfg, seed=0)  # two rows: one entry + the one inserted before eviction
+    key = CacheKey(5.0, 5.0, 2.0, 505.0)
+    with torch.inference_mode():
+        cache.insert(key, torch.zeros(ENTRY), torch.ones(ENTRY))
+        cache.insert(key, torch.zeros(ENTRY), torch.ones(ENTRY))
+    cache.insert(key, torch.zeros(ENTRY), torch.full(ENTRY, 2.0))  # into a row made in the mode
+    assert cache._slots.capacity == 2 and cache.stats.budget_evictions == 2
+    found, _ = cache.retrieve(key, torch.zeros(ENTRY))
+    assert torch.equal(found, torch.full(ENTRY, 2.0))

@@ -52,8 +52,9 @@ class SlotStore:
         self.layout = self.layout_of(query, feature, feature_dtype)
         self.limit = max(1, int(limit))
         cap = min(self.limit, INITIAL_SLOTS)
-        self.queries = torch.empty((cap, *query.shape), dtype=query.dtype, device=query.device)
-        self.features = torch.empty((cap, *feature.shape), dtype=feature_dtype, device=feature.device)
+        with torch.inference_mode(False):  # plain tensors: rows are written in and out of that mode
+            self.queries = torch.empty((cap, *query.shape), dtype=query.dtype, device=query.device)
+            self.features = torch.empty((cap, *feature.shape), dtype=feature_dtype, device=feature.device)
         self._free = list(range(cap - 1, -1, -1))  # host; pop() hands out the lowest first
         self._index: dict[tuple[int, ...], torch.Tensor] = {}
 
@@ -81,8 +82,9 @@ class SlotStore:
             if cap >= self.limit:
                 return None
             new = min(self.limit, 2 * cap)
-            queries = self.queries.new_empty((new, *self.queries.shape[1:]))
-            features = self.features.new_empty((new, *self.features.shape[1:]))
+            with torch.inference_mode(False):
+                queries = self.queries.new_empty((new, *self.queries.shape[1:]))
+                features = self.features.new_empty((new, *self.features.shape[1:]))
             queries[:cap].copy_(self.queries)
             features[:cap].copy_(self.features)
             self.queries, self.features = queries, features
