@@ -55,7 +55,7 @@ class SlotStore:
         with torch.inference_mode(False):  # plain tensors: rows are written in and out of that mode
             self.queries = torch.empty((cap, *query.shape), dtype=query.dtype, device=query.device)
             self.features = torch.empty((cap, *feature.shape), dtype=feature_dtype, device=feature.device)
-        self._free = list(range(cap - 1, -1, -1))  # host; pop() hands out the lowest first
+        self._free = list(range(cap - 1, -1, -1))  # host; pop(): lowest first, then the last freed
         self._index: dict[tuple[int, ...], torch.Tensor] = {}
 
     @staticmethod
