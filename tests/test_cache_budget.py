@@ -17,11 +17,12 @@ def _key(i: int) -> CacheKey:
     return CacheKey(azimuth=float(7 * i % 360), elevation=0.0, radius=2.0, timestep=float(31 * i))
 
 
+@pytest.mark.parametrize("slots", [True, False])
 @pytest.mark.parametrize("capacity", [5, 12])
-def test_budget_holds_with_real_size_features_and_evicts_oldest_first(capacity):
+def test_budget_holds_with_real_size_features_and_evicts_oldest_first(capacity, slots):
     budget = capacity * ENTRY_BYTES + ENTRY_BYTES // 2
     cfg = Hash3DConfig.preset("paper", memory_budget_bytes=budget, store_dtype="float16")
-    cache = Hash3DCache(cfg, seed=0)
+    cache = Hash3DCache(cfg, seed=0, slots=slots)
     torch.manual_seed(0)
     features = {}
     for i in range(3 * capacity):
@@ -34,9 +35,19 @@ def test_budget_holds_with_real_size_features_and_evicts_oldest_first(capacity):
         stored = cache.entries()
         assert cache.stats.bytes <= budget
         assert cache.stats.bytes == sum(e.nbytes for e in stored)
-        # Real memory: each stored tensor owns exactly its own bytes (no view of the batch).
-        real = sum(t.untyped_storage().nbytes() for e in stored for t in (e.query, e.feature))
-        assert real == cache.stats.bytes == len(stored) * ENTRY_BYTES
+        if slots:
+            # Real memory: the store's rows (the budget's entries + the one an insert adds before
+            # the budget eviction), which every stored tensor views (no view of the batch).
+            store = cache._slots
+            real = sum(t.untyped_storage().nbytes() for t in (store.queries, store.features))
+            assert real <= (capacity + 1) * ENTRY_BYTES
+            assert all(t.untyped_storage().data_ptr() in (store.queries.data_ptr(), store.features.data_ptr())
+                       for e in stored for t in (e.query, e.feature))
+            assert cache.stats.bytes == len(stored) * ENTRY_BYTES
+        else:
+            # Real memory: each stored tensor owns exactly its own bytes (no view of the batch).
+            real = sum(t.untyped_storage().nbytes() for e in stored for t in (e.query, e.feature))
+            assert real == cache.stats.bytes == len(stored) * ENTRY_BYTES
         assert all(e.feature.dtype == torch.float16 and tuple(e.feature.shape) == FEATURE for e in stored)
         # Oldest evicted first: the survivors are the newest inserts, in order.
         expected = list(range(max(0, i + 1 - capacity), i + 1))

@@ -11,6 +11,13 @@ blended together. An insert goes into every grid's table (the same ``CacheEntry`
 referenced, never copied); its bytes are counted once. An entry leaves the cache when no grid
 references it any more (each grid evicts the oldest of a full cell queue), or, past the memory
 budget, when it is the globally oldest entry (removed from every grid at once).
+
+Where things live: the retrieve decision, the cells, the queues, eviction, the budget and the
+counters are host state (the camera and the timestep are host values); the stored queries and
+features are rows of a ``SlotStore`` on the device (``cache/slots.py``; per-entry copies for
+entries of another layout, or with ``slots=False``), and so is the adaptive similarity of a
+device-resident cache. Nothing here reads a device value back except ``similarity()`` and
+``stats`` (once per read).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import torch
 from hash3d_dg.cache.blend import blend_features, cosine, cosine_tensor
 from hash3d_dg.cache.config import Hash3DConfig
 from hash3d_dg.cache.grid import CacheKey, Cell, GridSpec, bucket_index
+from hash3d_dg.cache.slots import SlotStore
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +51,9 @@ class CacheEntry:
         feature: ``[*F]`` the cached deep feature.
         nbytes: bytes of ``query`` + ``feature``.
         grids: indices of the grids whose tables currently reference this entry.
+        slot: the row of the cache's ``SlotStore`` holding ``query`` and ``feature`` (which are
+            then views of it, valid while the entry is stored), or None for an entry that owns
+            its own copies.
     """
 
     seq: int
@@ -51,6 +62,7 @@ class CacheEntry:
     feature: torch.Tensor
     nbytes: int
     grids: set[int] = field(default_factory=set)
+    slot: int | None = None
 
 
 @dataclass(eq=False)
@@ -203,9 +215,13 @@ class Hash3DCache:
     Args:
         cfg: settings; ``cfg.mode`` must not be ``"off"`` (use ``make_cache``, which returns None).
         seed: seed of the generator behind ``should_retrieve``.
+        device_resident: see the attribute.
+        slots: keep the stored tensors in a preallocated ``SlotStore`` (False: one copy per
+            entry, the reference the store is tested against; the numbers are the same).
     """
 
-    def __init__(self, cfg: Hash3DConfig, seed: int = 0, device_resident: bool | None = None):
+    def __init__(self, cfg: Hash3DConfig, seed: int = 0, device_resident: bool | None = None,
+                 slots: bool = True):
         cfg.validate()
         if not cfg.enabled:
             raise ValueError("Hash3D mode 'off' has no cache: use make_cache(cfg), which returns None for it")
@@ -225,6 +241,9 @@ class Hash3DCache:
         #: grid hits chosen on the device: {candidate grids: one-hot counts}, folded on read
         self._pending_grid_hits: dict[tuple[int, ...], torch.Tensor] = {}
         self._device_choice: list | None = None  # set by _best_of for retrieve
+        self.use_slots = bool(slots)
+        #: rows for the entries of one layout, made at the first insert (see ``_store_for``)
+        self._slots: SlotStore | None = None
 
     @property
     def stats(self) -> CacheStats:
@@ -368,8 +387,11 @@ class Hash3DCache:
         if any(f.shape != feats[0].shape for f in feats):
             raise ValueError("entries of one cell have features of different shapes: "
                              "clear the cache when the model or the batch layout changes")
-        queries = torch.stack([e.query for e in entries])
-        blended = blend_features(query, queries, torch.stack(feats), self.cfg.distance)
+        if self._slots is not None and all(e.slot is not None for e in entries):
+            queries, stacked = self._slots.gather([e.slot for e in entries])  # rows, no stack
+        else:
+            queries, stacked = torch.stack([e.query for e in entries]), torch.stack(feats)
+        blended = blend_features(query, queries, stacked, self.cfg.distance)
         return blended.to(feats[0].dtype)
 
     def similarity(self, key: CacheKey) -> list[float | None]:
@@ -392,15 +414,25 @@ class Hash3DCache:
             query: ``[*S]``.
             feature: ``[*F]``.
         """
-        q = _stored_copy(query, None)
-        v = _stored_copy(feature, self._store_dtype)
-        nbytes = q.numel() * q.element_size() + v.numel() * v.element_size()
+        v_dtype = self._store_dtype or feature.dtype
+        nbytes = query.numel() * query.element_size() + feature.numel() * v_dtype.itemsize
         if nbytes > self.cfg.memory_budget_bytes:
             self._stats.rejected += 1
             log.warning("Hash3D entry of %d bytes exceeds the memory budget of %d bytes; not stored",
                         nbytes, self.cfg.memory_budget_bytes)
             return
-        entry = CacheEntry(seq=self._seq, key=key, query=q, feature=v, nbytes=nbytes)
+        store = self._store_for(query, feature, v_dtype, nbytes)
+        taken = None if store is None else store.take()
+        if taken is not None:
+            slot, grew = taken
+            if grew:  # the rows moved: the stored entries' views are taken again
+                for e in self._registry.values():
+                    if e.slot is not None:
+                        e.query, e.feature = store.view(e.slot)
+            q, v = store.put(slot, query, feature)
+        else:
+            slot, q, v = None, _stored_copy(query, None), _stored_copy(feature, self._store_dtype)
+        entry = CacheEntry(seq=self._seq, key=key, query=q, feature=v, nbytes=nbytes, slot=slot)
         self._seq += 1
         self._registry[entry.seq] = entry
         self._stats.inserts += 1
@@ -442,9 +474,29 @@ class Hash3DCache:
             self._stats.budget_evictions += 1
         self._stats.entries = len(self._registry)
 
+    def _store_for(self, query: torch.Tensor, feature: torch.Tensor, v_dtype: torch.dtype,
+                   nbytes: int) -> SlotStore | None:
+        """The store for an entry of this layout: the current one when the layout matches, a new
+        one when none exists or the current one holds no entry (after a clear or once every entry
+        of an earlier batch layout has left); None (own copies) while entries of another layout
+        are stored."""
+        if not self.use_slots or query.device != feature.device:
+            return None
+        store = self._slots
+        if store is not None and store.layout == SlotStore.layout_of(query, feature, v_dtype):
+            return store
+        if store is None or store.live == 0:
+            limit = self.cfg.memory_budget_bytes // nbytes + 1  # the budget's bound, + the new one
+            self._slots = store = SlotStore(query, feature, v_dtype, limit)
+            return store
+        return None
+
     def _drop(self, entry: CacheEntry) -> None:
-        """Forget an entry no grid references any more."""
+        """Forget an entry no grid references any more (its slot is free again)."""
         del self._registry[entry.seq]
+        if entry.slot is not None:
+            self._slots.free(entry.slot)
+            entry.slot = None
         self._stats.bytes -= entry.nbytes
         self._stats.evictions += 1
 
@@ -465,7 +517,11 @@ class Hash3DCache:
         dropped = len(self._registry)
         for table in self.tables:
             table.clear()
+        for entry in self._registry.values():
+            entry.slot = None
         self._registry.clear()
+        if self._slots is not None:
+            self._slots.reset()
         if reset_stats:
             self.stats = CacheStats(hits_by_grid=[0] * len(self.tables))
         else:
