@@ -215,6 +215,39 @@ def test_v_prediction_is_served_as_eps(components):
     assert torch.allclose(eps, ab.sqrt() * v + (1 - ab).sqrt() * x_t, atol=1e-5)
 
 
+def test_fused_steps_of_a_v_prediction_model_are_bitwise_the_eager_steps(components):
+    """The graphed SDS and refine steps (run eagerly on the CPU: the same buffers and ops) serve a
+    v-prediction checkpoint as eps exactly as the eager steps do, with a table (paper)."""
+    import copy
+
+    from diffusers import DDIMScheduler
+
+    from hash3d_dg.guidance.graphed import attach_graphs
+
+    comp = copy.copy(components)
+    comp.scheduler = DDIMScheduler.from_config(components.scheduler.config, prediction_type="v_prediction")
+    cfg = Hash3DConfig.preset("paper", eta=1.0)
+    results = []
+    for graphed in (False, True):
+        denoiser = CachedDenoiser(UNetSplit(comp.unet, cfg.cache_point), make_cache(cfg, seed=0))
+        guidance = make_guidance(comp, denoiser=denoiser, hash3d=cfg)
+        if graphed:
+            attach_graphs(guidance, capture=False)
+        gen = torch.Generator().manual_seed(4)
+        out = []
+        for i in range(3):
+            x = torch.rand(1, 3, 40, 40, generator=gen).requires_grad_()
+            loss = guidance.sds(x, [0.0], [3.0 * i], [0.0], step_ratio=0.5)
+            loss.backward()
+            out += [loss.detach(), x.grad]
+        out.append(guidance.refine(torch.rand(1, 3, 40, 40, generator=gen), [0.0], [3.0], [0.0],
+                                   strength=0.5, steps=10))
+        results.append((out, guidance.stats()))
+    (a, sa), (b, sb) = results
+    assert all(torch.equal(u, v) for u, v in zip(a, b)) and sa == sb
+    assert sb["unet"]["shallow_calls"] > 0
+
+
 # ---------------------------------------------------------------------- the SD UNet split
 
 

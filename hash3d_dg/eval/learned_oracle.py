@@ -181,6 +181,8 @@ LEARNED_SWEEP: tuple[tuple[str, dict], ...] = (
     ("fast, no timestep fall-back", {"timestep_fallback": 0}),
     ("fast, stage 2 no reuse", {"stage2": "none"}),
     ("fast, no gate (blend the cell)", {"camera_gate_deg": None}),
+    ("fast, eta 0.5", {"eta": 0.5}),
+    ("fast, last_block point, stage 2 no reuse", {"cache_point": "last_block", "stage2": "none"}),
 )
 
 
