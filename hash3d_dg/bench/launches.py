@@ -683,3 +683,59 @@ def run_from_args(args) -> dict:
                 if "check_iteration" in stage:
                     stage["check_iteration"].pop("sites", None)
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The mesh phase under the counter
+
+def mesh_scene(num_points: int = 400, seed: int = 0):
+    """A tiny, dense blob of Gaussians (opaque, overlapping, coloured by position) whose density
+    crosses the mesh threshold: the mesh phase's syncs do not depend on what it meshes."""
+    from hash3d_dg.gaussians import GaussianModel
+    from hash3d_dg.gaussians.model import rgb_to_sh0
+
+    g = GaussianModel.random_init(num_points, radius=0.45, seed=seed)
+    with torch.no_grad():
+        g.params["opacities"].fill_(3.0)  # sigmoid ~ 0.95
+        g.params["scales"].fill_(float(torch.log(torch.tensor(0.08))))
+        g.params["sh0"].copy_(rgb_to_sh0(g.params["means"] + 0.5))
+    return g
+
+
+def mesh_config(**overrides):
+    """The mesh phase's config for the counts: small grid, texture and bake renders (the torch
+    backends, as ``launch_config``); ``overrides`` are ``MeshConfig`` fields."""
+    from hash3d_dg.config import build_config
+
+    mesh = {"resolution": 40, "density_thresh": 0.5, "texture_size": 64, "bake_render_size": 32,
+            "decimate_target": 2000}
+    mesh.update(overrides)
+    cfg = build_config({"device": "cpu", "seed": 0, "mesh": mesh})
+    cfg.stage1.backend = cfg.stage2.backend = "torch"
+    return cfg
+
+
+def count_mesh(cfg=None, gaussians=None) -> dict:
+    """Kernels, host syncs and blocking uploads of the whole mesh phase
+    (:func:`~hash3d_dg.stages.meshing.extract_textured_mesh`: box fit, density grid, marching
+    cubes, clean-up, uv atlas, bake) on the accelerator's code path. As for the stages, the
+    Gaussian and mesh rasterisers (the torch stand-ins for gsplat / nvdiffrast) are counted apart
+    (``rasterizer``); the uv-atlas raster (``rasterize_uv``, torch on CUDA too) is counted."""
+    from hash3d_dg import accel
+    from hash3d_dg.stages.meshing import extract_textured_mesh
+
+    cfg = cfg or mesh_config()
+    gaussians = gaussians if gaussians is not None else mesh_scene()
+    counter = LaunchCounter()
+    start = time.perf_counter()
+    with accel.virtual(), _patched(counter), counter:
+        mesh, report = extract_textured_mesh(gaussians, cfg)
+    c = counter.take()
+    syncs = Counter({k.split(" @ ", 1)[1]: v for k, v in c.sites.items() if k.startswith("sync ")})
+    return {"kernels": c.kernels, "syncs": c.syncs, "uploads": c.uploads,
+            "async_uploads": c.async_uploads,
+            "rasterizer": {"kernels": c.rasterizer_kernels, "syncs": c.rasterizer_syncs},
+            "sync_sites": dict(syncs.most_common()),
+            "upload_sites": {k: v for k, v in c.sites.most_common() if "upload" in k.split(" ")[0]},
+            "faces": report["faces"], "resolution": cfg.mesh.resolution,
+            "texture_size": cfg.mesh.texture_size, "seconds": round(time.perf_counter() - start, 2)}
