@@ -7,7 +7,11 @@ values stay on the device, fused Adam where a run on CUDA would use it) and coun
 iteration would ask of a GPU. ``--json`` gives ``modes.<mode>.stage1`` and ``.stage2``, each with
 ``kernels_per_iter``, ``syncs_per_iter`` and ``uploads_per_iter`` (blocking host-to-device copies),
 ``async_uploads_per_iter`` (pinned, non-blocking ones), the sites of the syncs and uploads, and
-what the rasteriser (excluded, see below) did.
+what the rasteriser (excluded, see below) did. The mesh phase (``mesh``, once: it does not depend
+on the Hash3D mode) is counted whole, not per iteration: ``mesh.kernels``, ``mesh.syncs``,
+``mesh.uploads`` (blocking) and ``mesh.sync_sites`` (``file:line`` -> count) of one
+``extract_textured_mesh`` (box fit, density grid, marching cubes, clean-up, uv atlas, bake) on a
+tiny blob of Gaussians (:func:`count_mesh`).
 
 How it counts: the virtual device
 ---------------------------------
@@ -646,7 +650,7 @@ def count_stage(stage: str, mode: str, guidance=None, cfg=None, graphs: bool = T
 MODES = ("off", "paper", "official", "fast")
 
 
-def launches_report(modes=MODES, stages=("stage1", "stage2"), graphs: bool = True) -> dict:
+def launches_report(modes=MODES, stages=("stage1", "stage2", "mesh"), graphs: bool = True) -> dict:
     from hash3d_dg.pipeline import build_guidance
 
     torch.set_num_threads(1)
@@ -654,7 +658,14 @@ def launches_report(modes=MODES, stages=("stage1", "stage2"), graphs: bool = Tru
                       "steady-state iteration, counted on the CPU on the accelerator's code path "
                       "(hash3d_dg/bench/launches.py); rasteriser excluded",
               "cuda_graphs": graphs, "modes": {}}
-    for mode in modes:
+    if "mesh" in stages:
+        result["mesh"] = count_mesh()
+        result["mesh"]["what"] = ("the whole mesh phase (not per iteration) on a tiny blob of "
+                                  "Gaussians; the Gaussian and mesh rasterisers (torch standing "
+                                  "in for gsplat / nvdiffrast) counted apart, the uv-atlas raster "
+                                  "counted")
+    stages = tuple(s for s in stages if s != "mesh")
+    for mode in (modes if stages else ()):
         cfg = launch_config(mode)
         guidance = build_guidance(cfg, torch.device("cpu"), torch.float32)
         per = {}
@@ -667,8 +678,9 @@ def launches_report(modes=MODES, stages=("stage1", "stage2"), graphs: bool = Tru
 
 def add_arguments(p) -> None:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    p.add_argument("--stages", nargs="+", default=["stage1", "stage2"],
-                   choices=["stage1", "stage2"])
+    p.add_argument("--stages", nargs="+", default=["stage1", "stage2", "mesh"],
+                   choices=["stage1", "stage2", "mesh"],
+                   help="mesh: the whole mesh phase, once (not per mode)")
     p.add_argument("--sites", action="store_true", help="keep the sync/upload sites in the output")
     p.add_argument("--no-graphs", action="store_true",
                    help="count the eager UNet calls (guidance.cuda_graphs=off) instead of graph replays")
@@ -677,6 +689,7 @@ def add_arguments(p) -> None:
 def run_from_args(args) -> dict:
     result = launches_report(tuple(args.modes), tuple(args.stages), graphs=not args.no_graphs)
     if not args.sites:
+        result.get("mesh", {}).pop("upload_sites", None)
         for per in result["modes"].values():
             for stage in per.values():
                 stage.pop("sites_per_iter", None)
