@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trimesh
+import torch
 from PIL import Image
 
 from hash3d_dg.apps.cli import main
@@ -65,6 +66,7 @@ def test_smoke_report_holds_the_documented_fields(smoke_run):
     for key in ("config", "device", "dtype", "backends", "model", "hash3d", "outputs", "total_seconds"):
         assert key in report, key
     assert report["hash3d"]["mode"] == "paper"
+    assert report["load"]["seconds"] >= 0  # the guidance model's load and reference
     for stage in ("stage1", "stage2"):
         section = report[stage]
         for key in ("iters", "seconds", "ref_psnr", "ref_mask_iou"):
@@ -192,7 +194,24 @@ def test_stage_2_without_a_stage_1_result_is_a_clear_error(tmp_path, monkeypatch
 
 # ------------------------------------------------------------------ start-up, paths, divergence
 
-HEAVY = ("diffusers", "transformers", "trimesh")
+HEAVY = ("diffusers", "transformers", "trimesh", "torch._dynamo", "scipy", "pymeshlab", "gsplat",
+         "nvdiffrast", "gradio", "ray", "matplotlib")
+
+
+def test_pipeline_import_loads_no_model_library():
+    """Model, mesh and app libraries are imported where they are used, not by the pipeline."""
+    script = ("import json, sys\nimport hash3d_dg.pipeline\n"
+              f"print(json.dumps([m for m in {HEAVY + ('mcubes', 'xatlas', 'imageio')!r} "
+              "if m in sys.modules]))\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [], proc.stderr
+
+
+def test_cuda_context_is_prepared_only_on_cuda():
+    from hash3d_dg.pipeline import prepare_cuda_context
+
+    assert prepare_cuda_context(torch.device("cpu")) is None
 
 
 @pytest.mark.parametrize("argv, code", [

@@ -608,7 +608,7 @@ def _sds_step_graph_vs_eager(comp, median_ms) -> dict:
 
 def part_launches() -> dict:
     """``bench launches`` (CPU, the accelerator's code path): kernels, syncs and uploads per
-    steady-state iteration of each stage and mode, graphs on and off."""
+    steady-state iteration of each stage and mode, graphs on and off; the mesh phase's totals."""
     from hash3d_dg.bench.launches import launches_report
 
     def brief(result):
@@ -616,8 +616,10 @@ def part_launches() -> dict:
                                if k.endswith("_per_iter") or k.startswith("max_")}
                        for stage, row in per.items()}
                 for mode, per in result["modes"].items()}
-    return {"graphs": brief(launches_report(("off", "paper", "fast"))),
-            "eager": brief(launches_report(("off",), graphs=False))}
+    graphs = launches_report(("off", "paper", "fast"))
+    mesh = {k: graphs["mesh"][k] for k in ("kernels", "syncs", "uploads", "sync_sites")}
+    return {"graphs": brief(graphs), "mesh": mesh,
+            "eager": brief(launches_report(("off",), ("stage1", "stage2"), graphs=False))}
 
 
 def part_concurrency(checkpoint: str, workers: int, out: Path, backends: list[str],

@@ -7,7 +7,11 @@ values stay on the device, fused Adam where a run on CUDA would use it) and coun
 iteration would ask of a GPU. ``--json`` gives ``modes.<mode>.stage1`` and ``.stage2``, each with
 ``kernels_per_iter``, ``syncs_per_iter`` and ``uploads_per_iter`` (blocking host-to-device copies),
 ``async_uploads_per_iter`` (pinned, non-blocking ones), the sites of the syncs and uploads, and
-what the rasteriser (excluded, see below) did.
+what the rasteriser (excluded, see below) did. The mesh phase (``mesh``, once: it does not depend
+on the Hash3D mode) is counted whole, not per iteration: ``mesh.kernels``, ``mesh.syncs``,
+``mesh.uploads`` (blocking) and ``mesh.sync_sites`` (``file:line`` -> count) of one
+``extract_textured_mesh`` (box fit, density grid, marching cubes, clean-up, uv atlas, bake) on a
+tiny blob of Gaussians (:func:`count_mesh`).
 
 How it counts: the virtual device
 ---------------------------------
@@ -642,7 +646,7 @@ def count_stage(stage: str, mode: str, guidance=None, cfg=None, graphs: bool = T
 MODES = ("off", "paper", "official", "fast")
 
 
-def launches_report(modes=MODES, stages=("stage1", "stage2"), graphs: bool = True) -> dict:
+def launches_report(modes=MODES, stages=("stage1", "stage2", "mesh"), graphs: bool = True) -> dict:
     from hash3d_dg.pipeline import build_guidance
 
     torch.set_num_threads(1)
@@ -650,7 +654,14 @@ def launches_report(modes=MODES, stages=("stage1", "stage2"), graphs: bool = Tru
                       "steady-state iteration, counted on the CPU on the accelerator's code path "
                       "(hash3d_dg/bench/launches.py); rasteriser excluded",
               "cuda_graphs": graphs, "modes": {}}
-    for mode in modes:
+    if "mesh" in stages:
+        result["mesh"] = count_mesh()
+        result["mesh"]["what"] = ("the whole mesh phase (not per iteration) on a tiny blob of "
+                                  "Gaussians; the Gaussian and mesh rasterisers (torch standing "
+                                  "in for gsplat / nvdiffrast) counted apart, the uv-atlas raster "
+                                  "counted")
+    stages = tuple(s for s in stages if s != "mesh")
+    for mode in (modes if stages else ()):
         cfg = launch_config(mode)
         guidance = build_guidance(cfg, torch.device("cpu"), torch.float32)
         per = {}
@@ -663,8 +674,9 @@ def launches_report(modes=MODES, stages=("stage1", "stage2"), graphs: bool = Tru
 
 def add_arguments(p) -> None:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    p.add_argument("--stages", nargs="+", default=["stage1", "stage2"],
-                   choices=["stage1", "stage2"])
+    p.add_argument("--stages", nargs="+", default=["stage1", "stage2", "mesh"],
+                   choices=["stage1", "stage2", "mesh"],
+                   help="mesh: the whole mesh phase, once (not per mode)")
     p.add_argument("--sites", action="store_true", help="keep the sync/upload sites in the output")
     p.add_argument("--no-graphs", action="store_true",
                    help="count the eager UNet calls (guidance.cuda_graphs=off) instead of graph replays")
@@ -673,9 +685,66 @@ def add_arguments(p) -> None:
 def run_from_args(args) -> dict:
     result = launches_report(tuple(args.modes), tuple(args.stages), graphs=not args.no_graphs)
     if not args.sites:
+        result.get("mesh", {}).pop("upload_sites", None)
         for per in result["modes"].values():
             for stage in per.values():
                 stage.pop("sites_per_iter", None)
                 if "check_iteration" in stage:
                     stage["check_iteration"].pop("sites", None)
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The mesh phase under the counter
+
+def mesh_scene(num_points: int = 400, seed: int = 0):
+    """A tiny, dense blob of Gaussians (opaque, overlapping, coloured by position) whose density
+    crosses the mesh threshold: the mesh phase's syncs do not depend on what it meshes."""
+    from hash3d_dg.gaussians import GaussianModel
+    from hash3d_dg.gaussians.model import rgb_to_sh0
+
+    g = GaussianModel.random_init(num_points, radius=0.45, seed=seed)
+    with torch.no_grad():
+        g.params["opacities"].fill_(3.0)  # sigmoid ~ 0.95
+        g.params["scales"].fill_(float(torch.log(torch.tensor(0.08))))
+        g.params["sh0"].copy_(rgb_to_sh0(g.params["means"] + 0.5))
+    return g
+
+
+def mesh_config(**overrides):
+    """The mesh phase's config for the counts: small grid, texture and bake renders (the torch
+    backends, as ``launch_config``); ``overrides`` are ``MeshConfig`` fields."""
+    from hash3d_dg.config import build_config
+
+    mesh = {"resolution": 40, "density_thresh": 0.5, "texture_size": 64, "bake_render_size": 32,
+            "decimate_target": 2000}
+    mesh.update(overrides)
+    cfg = build_config({"device": "cpu", "seed": 0, "mesh": mesh})
+    cfg.stage1.backend = cfg.stage2.backend = "torch"
+    return cfg
+
+
+def count_mesh(cfg=None, gaussians=None) -> dict:
+    """Kernels, host syncs and blocking uploads of the whole mesh phase
+    (:func:`~hash3d_dg.stages.meshing.extract_textured_mesh`: box fit, density grid, marching
+    cubes, clean-up, uv atlas, bake) on the accelerator's code path. As for the stages, the
+    Gaussian and mesh rasterisers (the torch stand-ins for gsplat / nvdiffrast) are counted apart
+    (``rasterizer``); the uv-atlas raster (``rasterize_uv``, torch on CUDA too) is counted."""
+    from hash3d_dg import accel
+    from hash3d_dg.stages.meshing import extract_textured_mesh
+
+    cfg = cfg or mesh_config()
+    gaussians = gaussians if gaussians is not None else mesh_scene()
+    counter = LaunchCounter()
+    start = time.perf_counter()
+    with accel.virtual(), _patched(counter), counter:
+        mesh, report = extract_textured_mesh(gaussians, cfg)
+    c = counter.take()
+    syncs = Counter({k.split(" @ ", 1)[1]: v for k, v in c.sites.items() if k.startswith("sync ")})
+    return {"kernels": c.kernels, "syncs": c.syncs, "uploads": c.uploads,
+            "async_uploads": c.async_uploads,
+            "rasterizer": {"kernels": c.rasterizer_kernels, "syncs": c.rasterizer_syncs},
+            "sync_sites": dict(syncs.most_common()),
+            "upload_sites": {k: v for k, v in c.sites.most_common() if "upload" in k.split(" ")[0]},
+            "faces": report["faces"], "resolution": cfg.mesh.resolution,
+            "texture_size": cfg.mesh.texture_size, "seconds": round(time.perf_counter() - start, 2)}

@@ -84,6 +84,34 @@ def _morton_order(points: Tensor, bits: int = 10) -> Tensor:
     return torch.argsort(code)
 
 
+@torch.no_grad()
+def _chunk_selections(ordered: Tensor, g_lo: Tensor, g_hi: Tensor, chunk: int, max_pairs: int):
+    """Per chunk of ``chunk`` consecutive rows of ``ordered [P, 3]``, in order: its box ``(lo,
+    hi)`` and the indices (ascending, as ``nonzero`` gives them) of the Gaussians whose box
+    ``[g_lo, g_hi]`` meets it. Chunks are tested in groups of at most ``max_pairs``
+    chunk-Gaussian pairs with one host read per group (the counts); the indices are compacted
+    on the device (cumsum + scatter), so no chunk waits on a ``nonzero`` of its own."""
+    n_pts, n_g = ordered.shape[0], g_lo.shape[0]
+    n_chunks = -(-n_pts // chunk)
+    pad = ordered[-1:].expand(n_chunks * chunk - n_pts, 3)  # repeated rows change no min / max
+    boxes = torch.cat([ordered, pad]).view(n_chunks, chunk, 3)
+    lo_all, hi_all = boxes.amin(1), boxes.amax(1)
+    per_group = max(1, max_pairs // max(1, n_g))
+    for c0 in range(0, n_chunks, per_group):
+        lo, hi = lo_all[c0:c0 + per_group], hi_all[c0:c0 + per_group]
+        hit = ((g_hi[None] >= lo[:, None]) & (g_lo[None] <= hi[:, None])).all(-1)  # [c, N]
+        counts = hit.sum(1).tolist()  # the group's one host read
+        flat = hit.reshape(-1)
+        total = sum(counts)
+        dest = torch.where(flat, torch.cumsum(flat, 0) - 1, total)  # misses go to a spare slot
+        cols = torch.arange(n_g, device=hit.device).repeat(hit.shape[0])
+        packed = torch.empty(total + 1, dtype=torch.long, device=hit.device).scatter_(0, dest, cols)
+        start = 0
+        for i, n in enumerate(counts):
+            yield lo[i], hi[i], packed[start:start + n]
+            start += n
+
+
 class GaussianModel(nn.Module):
     """3D Gaussians with raw (pre-activation) parameters in ``self.params``.
 
@@ -211,14 +239,12 @@ class GaussianModel(nn.Module):
             order = _morton_order(pts)
         cut2 = sigma_cutoff * sigma_cutoff
         results = []
-        for start in range(0, pts.shape[0], chunk):
+        boxes = _chunk_selections(pts[order], g_lo, g_hi, chunk, max_pairs)
+        for start, (lo, hi, sel) in zip(range(0, pts.shape[0], chunk), boxes):
             idx = order[start:start + chunk]
             p = pts[idx]
-            with torch.no_grad():
-                lo, hi = p.amin(0), p.amax(0)
-                sel = torch.nonzero(((g_hi >= lo) & (g_lo <= hi)).all(-1)).squeeze(1)
             val = torch.zeros(p.shape[0], dtype=pts.dtype, device=device)
-            if sel.numel() == 0:
+            if sel.shape[0] == 0:
                 results.append((idx, val))
                 continue
             # Mahalanobis distances as one GEMM: m2 = f(p) . g(mu, P) in float64 around the

@@ -37,9 +37,11 @@ from __future__ import annotations
 import logging
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from hash3d_dg import accel
 from hash3d_dg.camera import DEFAULT_FOVY, Camera
 from hash3d_dg.config import MESH_BAKE_MODES, MESH_BAKE_VIEWS
 from hash3d_dg.mesh.backends import rasterize_mesh
@@ -85,7 +87,10 @@ def front_first(views: Sequence[tuple[float, float]], front: tuple[float, float]
 
 
 def _splat(acc: Tensor, wacc: Tensor, uv: Tensor, colour: Tensor, weight: Tensor, size: int) -> None:
-    """Bilinearly splat ``colour [N, 3]`` x ``weight [N]`` at ``uv [N, 2]`` into flat accumulators."""
+    """Bilinearly splat ``colour [N, 3]`` x ``weight [N]`` at ``uv [N, 2]`` into flat accumulators.
+
+    Corners off the texture add weight 0 to texel 0 (fixed-size ops, no boolean mask: nothing
+    waits on the device; adding +0 changes no sum)."""
     tx = uv[:, 0] * size - 0.5
     ty = (1.0 - uv[:, 1]) * size - 0.5
     x0, y0 = torch.floor(tx), torch.floor(ty)
@@ -95,10 +100,20 @@ def _splat(acc: Tensor, wacc: Tensor, uv: Tensor, colour: Tensor, weight: Tensor
                         (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
         xi, yi = x0 + dx, y0 + dy
         ok = (xi >= 0) & (xi < size) & (yi >= 0) & (yi < size)
-        w = (wgt * weight)[ok]
-        idx = (yi * size + xi)[ok]
-        acc.index_add_(0, idx, colour[ok] * w[:, None])
+        w = torch.where(ok, wgt * weight, 0.0)
+        idx = torch.where(ok, yi * size + xi, 0)
+        acc.index_add_(0, idx, colour * w[:, None])
         wacc.index_add_(0, idx, w)
+
+
+def _rows(mask: Tensor, *rows: Tensor) -> tuple[Tensor, ...]:
+    """``rows`` (``[N, ...]`` each) at the ``mask [N]``ed rows on the CPU (a free ``nonzero``
+    skips the others), all of them on an accelerator (no host sync; the caller gives the other
+    rows weight 0)."""
+    if accel.is_accelerator(mask.device):
+        return rows
+    idx = torch.nonzero(mask).squeeze(1)
+    return tuple(r[idx] for r in rows)
 
 
 def _pull_fill(acc: Tensor, wacc: Tensor, levels: int, eps: float = 1e-8
@@ -133,15 +148,20 @@ def _pull_fill(acc: Tensor, wacc: Tensor, levels: int, eps: float = 1e-8
 def atlas_mask(mesh: Mesh, size: int, dilate: int = 2, tri_id: Tensor | None = None) -> Tensor:
     """Bool ``[S, S]`` texels covered by a uv triangle, dilated by ``dilate`` texels (row 0 = top).
 
-    ``tri_id``: the atlas raster ``rasterize_uv(mesh.vt, mesh.ft, size)[0]`` when already made."""
-    from scipy import ndimage
-
+    ``tri_id``: the atlas raster ``rasterize_uv(mesh.vt, mesh.ft, size)[0]`` when already made.
+    Each dilation step adds the 4-neighbours (scipy's ``binary_dilation`` with its default
+    cross), on the device."""
     if tri_id is None:
         tri_id, _ = rasterize_uv(mesh.vt, mesh.ft, size)
-    mask = (tri_id >= 0).cpu().numpy()
-    if dilate > 0:
-        mask = ndimage.binary_dilation(mask, iterations=dilate)
-    return torch.as_tensor(mask, device=mesh.v.device)
+    mask = (tri_id >= 0).to(mesh.v.device)
+    for _ in range(max(0, dilate)):
+        grown = mask.clone()
+        grown[1:] |= mask[:-1]
+        grown[:-1] |= mask[1:]
+        grown[:, 1:] |= mask[:, :-1]
+        grown[:, :-1] |= mask[:, 1:]
+        mask = grown
+    return mask
 
 
 def bake_texture(mesh: Mesh, render_fn: Callable[[Camera], tuple[Tensor, Tensor]],
@@ -190,8 +210,9 @@ def bake_texture(mesh: Mesh, render_fn: Callable[[Camera], tuple[Tensor, Tensor]
         first_colour = torch.zeros(size, size, 3, device=device)
         view_acc = torch.zeros(size * size, 3, device=device)
         view_w = torch.zeros(size * size, device=device)
-    for view_index, (elevation, azimuth) in enumerate(views):
-        cam = Camera.orbit(elevation, azimuth, radius, render_size, fovy=fovy)
+    cams = [Camera.orbit(el, az, radius, render_size, fovy=fovy) for el, az in views]
+    campos_all = accel.upload(np.stack([cam.campos for cam in cams]), device)  # one copy
+    for view_index, cam in enumerate(cams):
         with torch.no_grad():
             src_rgb, src_alpha = render_fn(cam)
             r = rasterize_mesh(untextured, cam, backend=backend)
@@ -201,52 +222,56 @@ def bake_texture(mesh: Mesh, render_fn: Callable[[Camera], tuple[Tensor, Tensor]
             raise ValueError(f"render_fn returned {tuple(src_rgb.shape)} for a "
                              f"{cam.height}x{cam.width} camera")
         src_alpha = src_alpha.reshape(cam.height, cam.width)
-        covered = r.tri_id >= 0
-        tid = r.tri_id[covered]
-        bary = r.bary[covered].float()
+        # every pixel in fixed-size ops (the ones not kept get weight 0): no host sync per view
+        covered = (r.tri_id >= 0).reshape(-1)
+        tid = r.tri_id.reshape(-1).clamp_min(0)
+        bary = r.bary.reshape(-1, 3).float()
         points = (v[f[tid]] * bary[..., None]).sum(dim=1)
-        campos = torch.as_tensor(cam.campos, dtype=torch.float32, device=device)
-        to_cam = torch.nn.functional.normalize(campos - points, dim=-1)
-        cos = (r.normal[covered].float() * to_cam).sum(dim=-1)
-        keep = (cos > min_cos) & (src_alpha[covered] > alpha_threshold)
-        if not bool(keep.any()):
-            continue
-        uv, colour = r.uv[covered][keep].float(), src_rgb[covered][keep]
-        _splat(acc, wacc, uv, colour, cos[keep], size)
+        to_cam = torch.nn.functional.normalize(campos_all[view_index] - points, dim=-1)
+        cos = (r.normal.reshape(-1, 3).float() * to_cam).sum(dim=-1)
+        keep = covered & (cos > min_cos) & (src_alpha.reshape(-1) > alpha_threshold)
+        uv = torch.where(keep[:, None], r.uv.reshape(-1, 2).float(), 0.0)
+        colour = torch.where(keep[:, None], src_rgb.reshape(-1, 3), 0.0)
+        _splat(acc, wacc, *_rows(keep, uv, colour, torch.where(keep, cos, 0.0)), size)
         if first and view_index < lock_views:
-            sel = cos[keep] > first_cos
-            if not bool(sel.any()):
-                continue
+            sel = keep & (cos > first_cos)
             view_acc.zero_()
             view_w.zero_()
-            _splat(view_acc, view_w, uv[sel], colour[sel], torch.ones_like(cos[keep][sel]), size)
+            _splat(view_acc, view_w, *_rows(sel, uv, colour, sel.float()), size)
             c_view, ok_view = _pull_fill(view_acc.view(size, size, 3), view_w.view(size, size),
                                          pull_levels)
-            seen = torch.zeros(f.shape[0] + 1, dtype=torch.bool, device=device)
-            seen[tid[keep][sel] + 1] = True  # index 0 stands for "no triangle" (atlas_tri -1)
+            # faces this view saw: index 0 stands for "no triangle" (atlas_tri -1), the last
+            # slot takes the pixels not selected
+            seen = torch.zeros(f.shape[0] + 2, dtype=torch.bool, device=device)
+            seen[_rows(sel, torch.where(sel, tid + 1, f.shape[0] + 1))[0]] = True
             new = ok_view & ~locked & seen[atlas_tri + 1]
-            first_colour[new] = c_view[new]
+            first_colour = torch.where(new[..., None], c_view, first_colour)
             locked |= new
-    if not bool((wacc > 0).any()):
-        raise ValueError("bake_texture: no view saw the mesh inside the source's alpha")
+    hit = wacc.view(size, size) > 0
     colour, valid = _pull_fill(acc.view(size, size, 3), wacc.view(size, size), pull_levels)
     if first:
         colour = torch.where(locked[..., None], first_colour, colour)
         valid = valid | locked
     mask = atlas_mask(untextured, size, dilate, atlas_tri)
     valid = valid & mask
-    if not bool(valid.all()) and bool(valid.any()):
+    # the one host read of the bake: valid, hit, locked and mask as bits of one byte per texel
+    bits = (valid.to(torch.uint8) | hit.to(torch.uint8) << 1 | mask.to(torch.uint8) << 3
+            | (locked.to(torch.uint8) << 2 if first else 0)).cpu().numpy()
+    valid_np, hit_np, mask_np = bits & 1 > 0, bits & 2 > 0, bits & 8 > 0
+    if not hit_np.any():
+        raise ValueError("bake_texture: no view saw the mesh inside the source's alpha")
+    if not valid_np.all() and valid_np.any():
         from scipy import ndimage
 
-        valid_np = valid.cpu().numpy()
         _, (iy, ix) = ndimage.distance_transform_edt(~valid_np, return_indices=True)
-        nearest = torch.as_tensor(iy * size + ix, device=device)
+        nearest = accel.upload(iy * size + ix, device, torch.int64)
         colour = colour.reshape(-1, 3)[nearest.reshape(-1)].view(size, size, 3)
     # Every texel outside the atlas also takes its nearest chart colour, so mip-mapped lookups in
     # viewers (Blender, three.js) and bilinear lookups at chart borders never bleed black.
     texture = colour
-    seen_frac = float((wacc.view(size, size) > 0)[mask].float().mean())
-    extra = f", {100.0 * float(locked[mask].float().mean()):.1f}% locked by a first view" if first else ""
+    seen_frac = float(hit_np[mask_np].mean())
+    extra = (f", {100.0 * float((bits & 4 > 0)[mask_np].mean()):.1f}% locked by a first view"
+             if first else "")
     logger.info("bake (%s): %d views, %.1f%% of atlas texels hit directly%s", mode, len(views),
                 100.0 * seen_frac, extra)
     return texture.clamp(0.0, 1.0)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hash3d_dg import accel
 from hash3d_dg.mesh.mesh import Mesh
 from hash3d_dg.mesh.timing import StepClock
 
@@ -23,11 +24,11 @@ def sample_density_grid(density_fn: Callable[[Tensor], Tensor], bound: float, re
     ``density_fn`` maps points ``[N, 3]`` to densities ``[N]`` (or ``[N, 1]``). The grid is
     visited in ``block_size^3`` blocks so at most that many points are alive at once. Returns a
     float32 array indexed ``[ix, iy, iz]`` (x, y, z of ``centre_i + linspace(-bound, bound,
-    resolution)``).
+    resolution)``). The blocks fill a grid on ``device``, read back to the host once.
     """
     base = torch.linspace(-bound, bound, resolution, device=device)
     axes = [base + float(c) for c in centre]
-    grid = np.empty((resolution,) * 3, dtype=np.float32)
+    grid = torch.empty((resolution,) * 3, dtype=torch.float32, device=device)
     for i0 in range(0, resolution, block_size):
         for j0 in range(0, resolution, block_size):
             for k0 in range(0, resolution, block_size):
@@ -35,9 +36,8 @@ def sample_density_grid(density_fn: Callable[[Tensor], Tensor], bound: float, re
                               axes[2][k0:k0 + block_size])
                 pts = torch.stack(torch.meshgrid(xs, ys, zs, indexing="ij"), dim=-1)
                 d = density_fn(pts.reshape(-1, 3)).reshape(len(xs), len(ys), len(zs))
-                grid[i0:i0 + len(xs), j0:j0 + len(ys), k0:k0 + len(zs)] = (
-                    d.detach().float().cpu().numpy())
-    return grid
+                grid[i0:i0 + len(xs), j0:j0 + len(ys), k0:k0 + len(zs)] = d.detach().float()
+    return grid.cpu().numpy()
 
 
 def fitted_box(means: Tensor, opacities: Tensor | None = None, fill: float = 0.9,
@@ -53,22 +53,22 @@ def fitted_box(means: Tensor, opacities: Tensor | None = None, fill: float = 0.9
     Returns ``(centre (x, y, z), half side)``.
     """
     pts = means.detach().float()
+    if pts.shape[0] == 0:
+        raise ValueError("fitted_box: no Gaussian to bound")
     pad = None
     if scales is not None and pad_sigma > 0:
         pad = float(pad_sigma) * scales.detach().float().amax(-1, keepdim=True)
-    if opacities is not None:
-        keep = opacities.detach().reshape(-1) > min_opacity
-        if bool(keep.any()):
-            pts = pts[keep]
-            pad = pad[keep] if pad is not None else None
-    if pts.shape[0] == 0:
-        raise ValueError("fitted_box: no Gaussian to bound")
-    lo, hi = (pts.amin(0), pts.amax(0)) if pad is None else ((pts - pad).amin(0), (pts + pad).amax(0))
+    lo, hi = (pts, pts) if pad is None else (pts - pad, pts + pad)
+    if opacities is not None:  # the kept Gaussians when any (masked with where: no host sync)
+        keep = opacities.detach().reshape(-1, 1) > min_opacity
+        any_kept = keep.any()
+        lo = torch.where(any_kept, torch.where(keep, lo, float("inf")), lo)
+        hi = torch.where(any_kept, torch.where(keep, hi, float("-inf")), hi)
+    lo, hi = lo.amin(0), hi.amax(0)
     centre = 0.5 * (lo + hi)
-    extent = float((hi - lo).amax())
+    *centre_xyz, extent = torch.cat([centre, (hi - lo).amax()[None]]).tolist()  # one host read
     half = max(extent, 1e-6) / (2.0 * float(fill))
-    return tuple(float(c) for c in centre.cpu()), half
-
+    return tuple(centre_xyz), half
 
 def _decimate(tm, target: int):
     """Quadric decimation (fast_simplification) down to at most ``target`` faces."""
@@ -213,6 +213,6 @@ def extract_mesh(density_fn: Callable[[Tensor], Tensor], bound: float = 1.0,
             logger.info("extract: decimated %d -> %d faces", n0, len(tm.faces))
     if tm.volume < 0:  # marching cubes winding is inward for this sign convention: flip it
         tm.invert()
-    mesh = Mesh(torch.as_tensor(np.asarray(tm.vertices), dtype=torch.float32, device=device),
-                torch.as_tensor(np.asarray(tm.faces), dtype=torch.int64, device=device))
+    mesh = Mesh(accel.upload(np.asarray(tm.vertices), device, torch.float32),
+                accel.upload(np.asarray(tm.faces), device, torch.int64))
     return mesh.compute_normals()

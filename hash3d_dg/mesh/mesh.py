@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hash3d_dg import accel
+
 logger = logging.getLogger(__name__)
 
 
@@ -198,15 +200,16 @@ class Mesh:
         """
         from hash3d_dg.mesh.uv import xatlas_unwrap
 
-        f = self.f.detach().cpu().numpy()
-        vmapping, indices, uvs, charts = xatlas_unwrap(self.v.detach().cpu().numpy(), f,
-                                                       texture_size, padding)
+        # one host read for both: float64 holds every float32 position and int64 index exactly
+        both = torch.cat([self.v.detach().double(), self.f.double()]).cpu().numpy()
+        n_v = self.v.shape[0]
+        v, f = both[:n_v], both[n_v:].astype(np.int64)  # xatlas_unwrap takes float32 positions
+        vmapping, indices, uvs, charts = xatlas_unwrap(v, f, texture_size, padding)
         # xatlas keeps the face order; check that its corners map back to ours.
         if not np.array_equal(vmapping[indices], f):
             raise RuntimeError("xatlas changed the face order or vertices; cannot keep f unchanged")
         dev = self.v.device
-        vt = torch.as_tensor(uvs.astype(np.float32), device=dev)
-        ft = torch.as_tensor(indices, device=dev)
+        vt, ft = accel.upload(uvs, dev, torch.float32), accel.upload(indices, dev, torch.int64)
         logger.info("xatlas: %d faces, %d uv vertices, %d charts", self.num_faces, vt.shape[0],
                     charts)
         return replace(self, vt=vt, ft=ft)

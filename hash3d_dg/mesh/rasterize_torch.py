@@ -38,6 +38,8 @@ import bisect
 import torch
 from torch import Tensor
 
+from hash3d_dg import accel
+
 DEFAULT_PAIR_BUDGET = 1 << 19
 
 
@@ -200,8 +202,8 @@ def gather_corners(attr: Tensor, faces: Tensor, stand_in: Tensor, tri_id: Tensor
 class Pixels:
     """The pixels an attribute pass evaluates, and how results return to the full image.
 
-    ``all_pixels=True`` (the default off the CPU): every pixel, in row-major order; empty ones
-    carry ``tid = -1`` (:func:`gather_corners` gives them a stand-in face) and :meth:`expand`
+    ``all_pixels=True`` (the default on an accelerator: CUDA, or the CPU inside
+    ``accel.virtual()``): every pixel, in row-major order; empty ones carry ``tid = -1`` (:func:`gather_corners` gives them a stand-in face) and :meth:`expand`
     masks them to 0 with ``torch.where``: no ``nonzero``, so no host sync. ``False`` (the default
     on the CPU, where a host sync costs nothing and the empty pixels would be wasted work): the
     covered pixels only, in ``nonzero`` order, scattered back with ``index_put``. Both give the
@@ -209,7 +211,7 @@ class Pixels:
 
     def __init__(self, tri_id: Tensor, all_pixels: bool | None = None):
         flat = tri_id.reshape(-1)
-        self.all_pixels = flat.device.type != "cpu" if all_pixels is None else all_pixels
+        self.all_pixels = accel.is_accelerator(flat.device) if all_pixels is None else all_pixels
         self.n = flat.numel()
         self.covered = flat >= 0
         if self.all_pixels:
