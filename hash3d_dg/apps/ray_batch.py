@@ -36,7 +36,7 @@ log = logging.getLogger("hash3d_dg.batch")
 REPORT_NAME = "batch_report.json"
 MAX_ATTEMPTS = 2  # a killed worker's image is retried once, on another worker
 LOCAL = "local"
-STAGE_KEYS = ("preprocess", "stage1", "mesh", "stage2", "export")
+STAGE_KEYS = ("preprocess", "load", "stage1", "mesh", "stage2", "export")
 LOCAL_OBJECT_STORE_BYTES = 128 * 1024**2  # only small reports travel through it
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
