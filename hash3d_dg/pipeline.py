@@ -108,7 +108,7 @@ def build_guidance(cfg: RunConfig, device: torch.device, dtype: torch.dtype, com
             family = "stable" if family == "auto" else family
             model = str(tiny_model_dir(family))
         components = load_zero123(model, device=device, dtype=dtype, family=family)
-    from hash3d_dg.guidance.graphed import accelerate
+    from hash3d_dg.guidance.acceleration import accelerate
 
     latent_vae = load_latent_vae(cfg.guidance, cfg.hash3d.mode, device, dtype)
     denoiser = CachedDenoiser(UNetSplit(components.unet, cfg.hash3d.cache_point),

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hash3d_dg.errors import InputError
+from hash3d_dg.output.names import numbered, slugify
 
 
 def clean_prompt(text: object, what: str = "prompt") -> str:
@@ -40,8 +41,6 @@ class TextPrompt:
 
     @property
     def slug(self) -> str:
-        from hash3d_dg.output.names import slugify
-
         return slugify(self.text)
 
     def __str__(self) -> str:
@@ -89,14 +88,4 @@ def read_prompts(path: str | Path) -> list[TextPrompt]:
 def prompt_names(prompts: list[TextPrompt]) -> list[str]:
     """Output names of prompts: each one's slug, a later prompt with the same slug gets
     ``-2``, ``-3``, ... (the same prompt twice is run twice)."""
-    names: list[str] = []
-    used: set[str] = set()
-    for prompt in prompts:
-        base = prompt.slug
-        name, k = base, 1
-        while name in used:
-            k += 1
-            name = f"{base}-{k}"
-        used.add(name)
-        names.append(name)
-    return names
+    return numbered([prompt.slug for prompt in prompts])

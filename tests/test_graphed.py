@@ -8,7 +8,8 @@ import torch
 
 from hash3d_dg.guidance.unet_split import UNetSplit
 from hash3d_dg.config import TINY_MODEL, ConfigError, build_config
-from hash3d_dg.guidance.graphed import GraphedSplit, attach_graphs, use_cuda_graphs
+from hash3d_dg.guidance.acceleration import attach_graphs
+from hash3d_dg.guidance.graphed import GraphedSplit, use_cuda_graphs
 from hash3d_dg.pipeline import build_guidance
 from hash3d_dg.eval.samples import render_sample
 from hash3d_dg.stages import ReferenceView

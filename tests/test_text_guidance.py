@@ -222,7 +222,7 @@ def test_fused_steps_of_a_v_prediction_model_are_bitwise_the_eager_steps(compone
 
     from diffusers import DDIMScheduler
 
-    from hash3d_dg.guidance.graphed import attach_graphs
+    from hash3d_dg.guidance.acceleration import attach_graphs
 
     comp = copy.copy(components)
     comp.scheduler = DDIMScheduler.from_config(components.scheduler.config, prediction_type="v_prediction")

@@ -36,6 +36,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "radii-visibility": ("hash3d_dg.eval.radii_visibility", "how gsplat's radii rule would change densification statistics (CPU)"),
 }
 
+#: ``--task text`` of a cost command: the text path's module and function (it builds on the
+#: image task's counters, so the image modules do not import it).
+TEXT_TASK: dict[str, tuple[str, str]] = {
+    "flops": ("hash3d_dg.bench.text_costs", "run_flops_from_args"),
+    "macs": ("hash3d_dg.bench.text_costs", "run_macs_from_args"),
+}
+
 #: Commands that print their own report (``--json`` is theirs to honour).
 OWN_OUTPUT = {"gpu"}
 
@@ -80,12 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     module = modules[args.command]
     if args.command in OWN_OUTPUT:
         return module.run_from_args(args)
+    run = module.run_from_args
+    if getattr(args, "task", None) == "text" and args.command in TEXT_TASK:
+        module_name, function = TEXT_TASK[args.command]
+        run = getattr(import_module(module_name), function)
     from hash3d_dg.apps.common import configure_logging
     from hash3d_dg.errors import UserError
 
     configure_logging(debug=False, stream=sys.stderr)  # stdout carries the result
     try:
-        result = module.run_from_args(args)
+        result = run(args)
     except UserError as exc:  # a bad option or input file: one line
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

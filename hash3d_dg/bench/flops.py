@@ -159,8 +159,5 @@ def add_arguments(p) -> None:
 
 
 def run_from_args(args) -> dict:
-    if args.task == "text":
-        from hash3d_dg.bench.text_costs import text_flops_report
-
-        return text_flops_report(args.image_size or 512, args.cache_point)
+    """The image task (``--task text`` is ``text_costs.run_flops_from_args``: see ``bench.__main__``)."""
     return flops_report(args.image_size or 256, args.cache_point)

@@ -582,7 +582,7 @@ def _sds_step_graph_vs_eager(comp, median_ms) -> dict:
     import torch
 
     from hash3d_dg.guidance import Zero123Guidance
-    from hash3d_dg.guidance.graphed import attach_graphs
+    from hash3d_dg.guidance.acceleration import attach_graphs
 
     g = Zero123Guidance(comp, image_size=256, seed=0)
     gen = torch.Generator(device="cuda").manual_seed(1)

@@ -468,13 +468,13 @@ def _patched(counter: LaunchCounter):
 
     from hash3d_dg.guidance import graphed
 
-    original_run = graphed._Captured.run_eager
+    original_run = graphed.CapturedCall.run_eager
 
     def run_eager(self):
         with counter.graph_replay():
             return original_run(self)
 
-    patch(graphed._Captured, "run_eager", run_eager)
+    patch(graphed.CapturedCall, "run_eager", run_eager)
     original_autograd = graphed.GraphedAutograd.__call__
 
     def autograd_call(self, name, fn, x):
@@ -608,7 +608,7 @@ def count_stage(stage: str, mode: str, guidance=None, cfg=None, graphs: bool = T
     docstring); ``guidance`` and ``cfg`` default to the tiny model and ``launch_config(mode)``.
     ``graphs``: the UNet calls go through ``GraphedSplit`` as with ``guidance.cuda_graphs=auto``
     on CUDA (each replay one launch), else eager."""
-    from hash3d_dg.guidance.graphed import attach_graphs, detach_graphs
+    from hash3d_dg.guidance.acceleration import attach_graphs, detach_graphs
 
     from hash3d_dg import accel
     from hash3d_dg.bench.harness import standin_mesh

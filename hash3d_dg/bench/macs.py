@@ -144,10 +144,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args) -> dict:
-    if getattr(args, "task", "image") == "text":
-        from hash3d_dg.bench.text_costs import text_macs_report
-
-        return text_macs_report(args.iters, args.iters_refine, args.seed, args.cache_point,
-                                tuple(args.modes), args.vae)
+    """The image task (``--task text`` is ``text_costs.run_macs_from_args``: see ``bench.__main__``)."""
     return macs_report(args.iters, args.iters_refine, args.seed, 256, args.cache_point,
                        tuple(args.modes), args.vae)

@@ -215,3 +215,14 @@ def text_macs_report(iters: int = 500, iters_refine: int = 50, seed: int = 0, ca
             entry["speedup_vs_off"] = round(off["total_tmacs"] / entry["total_tmacs"], 3)
             entry["unet_ratio_to_off"] = round(entry["unet_tmacs"] / off["unet_tmacs"], 4)
     return out
+
+
+def run_flops_from_args(args) -> dict:
+    """``bench flops --task text``."""
+    return text_flops_report(args.image_size or TEXT_IMAGE_SIZE, args.cache_point)
+
+
+def run_macs_from_args(args) -> dict:
+    """``bench macs --task text``."""
+    return text_macs_report(args.iters, args.iters_refine, args.seed, args.cache_point,
+                            tuple(args.modes), args.vae)

@@ -53,7 +53,7 @@ def _as_timestep(timestep: Any, rows: int, device: torch.device) -> Tensor:
     return torch.full((rows,), int(timestep), dtype=torch.long, device=device)
 
 
-class _Captured:
+class CapturedCall:
     """One path's static buffers and (on CUDA) its graph."""
 
     def __init__(self, fn, inputs: list[Tensor], capture: bool, pool=None) -> None:
@@ -112,7 +112,7 @@ class GraphedSplit:
         if self.capture and device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.device = device
-        self._paths: dict[tuple, _Captured] = {}
+        self._paths: dict[tuple, CapturedCall] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.captures = 0
         self.replays = 0
@@ -125,11 +125,11 @@ class GraphedSplit:
     def __getattr__(self, name):  # unet, cache_point, n_skips, ...
         return getattr(self.split, name)
 
-    def _path(self, name: str, fn, inputs: list[Tensor]) -> _Captured:
+    def _path(self, name: str, fn, inputs: list[Tensor]) -> CapturedCall:
         key = (name,) + tuple((tuple(t.shape), t.dtype, t.stride()) for t in inputs)
         path = self._paths.get(key)
         if path is None:
-            path = _Captured(fn, inputs, self.capture, self._pool)
+            path = CapturedCall(fn, inputs, self.capture, self._pool)
             self._paths[key] = path
             self.captures += 1
             self.capture_seconds += path.capture_seconds
@@ -180,7 +180,7 @@ class GraphedCalls:
 
     def __init__(self, capture: bool) -> None:
         self.capture = bool(capture)
-        self._paths: dict[tuple, _Captured] = {}
+        self._paths: dict[tuple, CapturedCall] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.capture_seconds = 0.0
         self.replays = 0
@@ -189,7 +189,7 @@ class GraphedCalls:
         key = (name,) + tuple((tuple(t.shape), t.dtype, t.stride()) for t in inputs)
         path = self._paths.get(key)
         if path is None:
-            path = _Captured(fn, list(inputs), self.capture, self._pool)
+            path = CapturedCall(fn, list(inputs), self.capture, self._pool)
             self._paths[key] = path
             self.capture_seconds += path.capture_seconds
         self.replays += 1
@@ -250,47 +250,3 @@ def use_cuda_graphs(setting: str, device: torch.device | str) -> bool:
         return False
     raise ValueError(f"guidance.cuda_graphs={setting!r} must be auto, on or off")
 
-
-def attach_graphs(guidance, capture: bool) -> GraphedSplit:
-    """Route a latent guidance's calls through CUDA graphs: the UNet's full and shallow paths
-    (``GraphedSplit``, stage 2's refine steps), stage 2's autoencoder calls (``GraphedCalls``),
-    stage 1's differentiable encode (``GraphedAutograd``) and stage 1's SDS step after the encode
-    (``step_graph.SDSStepGraph``) and stage 2's DDIM refine steps (``step_graph.RefineStepGraph``).
-    ``capture`` False: the same buffers and ops run eagerly (the
-    CPU path of the tests and of ``bench launches``). Returns the graphed split."""
-    from hash3d_dg.guidance.step_graph import RefineStepGraph, SDSStepGraph
-
-    denoiser = guidance.denoiser
-    split = denoiser.model
-    if not isinstance(split, GraphedSplit):
-        split = denoiser.model = GraphedSplit(split, capture=capture)
-    guidance.graph_calls = split.calls = GraphedCalls(capture=capture)
-    guidance.grad_graph_calls = split.grad_calls = GraphedAutograd(capture=capture)
-    guidance.sds_step = split.step_graph = SDSStepGraph(capture=capture)
-    guidance.refine_step = split.refine_graph = RefineStepGraph(capture=capture)
-    return split
-
-
-def detach_graphs(guidance) -> None:
-    """Every call of the guidance eager again (``attach_graphs`` undone)."""
-    denoiser = guidance.denoiser
-    if isinstance(denoiser.model, GraphedSplit):
-        denoiser.model = denoiser.model.split
-    guidance.graph_calls = guidance.grad_graph_calls = guidance.sds_step = guidance.refine_step = None
-
-
-def accelerate(guidance, guidance_cfg, device) -> bool:
-    """``guidance.channels_last`` and ``guidance.cuda_graphs`` applied to a latent guidance built
-    on ``device`` (before its first call: graphs are captured lazily). Returns whether CUDA
-    graphs are on."""
-    from hash3d_dg.accel import resolve_switch
-
-    if resolve_switch(guidance_cfg.channels_last, device, "guidance.channels_last"):
-        # cuDNN's NCHW->NHWC conversions were 19 % of the H200's GPU time
-        for module in (guidance.components.unet, guidance.components.vae, guidance.latent_vae):
-            if module is not None:
-                module.to(memory_format=torch.channels_last)
-    graphs = use_cuda_graphs(guidance_cfg.cuda_graphs, device)
-    if graphs:
-        attach_graphs(guidance, capture=True)
-    return graphs

@@ -215,7 +215,7 @@ def build_sd_guidance(cfg, device: torch.device, dtype: torch.dtype, components:
     checkpoint to wrap instead of loading ``cfg.guidance.model`` (``builtin:tiny``: the built-in
     tiny random checkpoint)."""
     from hash3d_dg.cache import make_cache
-    from hash3d_dg.guidance.graphed import accelerate
+    from hash3d_dg.guidance.acceleration import accelerate
     from hash3d_dg.guidance.loading import load_latent_vae
     from hash3d_dg.guidance.sd_loading import load_stable_diffusion, tiny_sd_model_dir
 

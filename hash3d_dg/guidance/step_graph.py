@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from hash3d_dg.accel import upload
-from hash3d_dg.guidance.graphed import _Captured
+from hash3d_dg.guidance.graphed import CapturedCall
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class SDSStepGraph:
 
     def __init__(self, capture: bool) -> None:
         self.capture = bool(capture)
-        self._paths: dict[tuple, _Captured] = {}
+        self._paths: dict[tuple, CapturedCall] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.capture_seconds = 0.0
         self.replays = 0
@@ -87,12 +87,12 @@ class SDSStepGraph:
             return (grad, x_q) if shallow else (grad, x_q, feature)
         return body
 
-    def _path(self, name: str, guidance, inputs: list[Tensor]) -> _Captured:
+    def _path(self, name: str, guidance, inputs: list[Tensor]) -> CapturedCall:
         key = (name,) + tuple((tuple(t.shape), t.dtype, t.stride()) for t in inputs)
         path = self._paths.get(key)
         if path is None:
             split = _raw_split(guidance.denoiser.model)
-            path = _Captured(self._body(guidance, split, name == "shallow"), inputs, self.capture,
+            path = CapturedCall(self._body(guidance, split, name == "shallow"), inputs, self.capture,
                              self._pool)
             self._paths[key] = path
             self.capture_seconds += path.capture_seconds
@@ -164,7 +164,7 @@ class RefineStepGraph:
 
     def __init__(self, capture: bool) -> None:
         self.capture = bool(capture)
-        self._paths: dict[tuple, _Captured] = {}
+        self._paths: dict[tuple, CapturedCall] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
         self._alphas: dict[int, Tensor] = {}  # per scheduler: alphas_cumprod + [final alpha]
         self.capture_seconds = 0.0
@@ -216,12 +216,12 @@ class RefineStepGraph:
             return x_prev if shallow else (x_prev, feature)
         return body
 
-    def _path(self, name: str, guidance, alphas: Tensor, inputs: list[Tensor]) -> _Captured:
+    def _path(self, name: str, guidance, alphas: Tensor, inputs: list[Tensor]) -> CapturedCall:
         key = (name, alphas.data_ptr()) + tuple((tuple(t.shape), t.dtype, t.stride()) for t in inputs)
         path = self._paths.get(key)
         if path is None:
             split = _raw_split(guidance.denoiser.model)
-            path = _Captured(self._body(guidance, split, alphas, name == "shallow"), inputs,
+            path = CapturedCall(self._body(guidance, split, alphas, name == "shallow"), inputs,
                              self.capture, self._pool)
             self._paths[key] = path
             self.capture_seconds += path.capture_seconds

@@ -138,11 +138,10 @@ def image_name(image: str | os.PathLike) -> str:
 def output_names(images: list, root: str | os.PathLike | None = None, reserved: tuple[str, ...] = ()) -> list[str]:
     """The output name of each input (``image_name``), all checked before any work: each usable
     under ``root``, and no two different files sharing one (``ConfigError`` otherwise). Prompts
-    (``prompts.TextPrompt``) are named by ``prompts.prompt_names`` (slugs; repeats numbered)."""
-    from hash3d_dg.prompts import TextPrompt, prompt_names
-
-    if images and all(isinstance(item, TextPrompt) for item in images):
-        names = prompt_names(images)
+    (``prompts.TextPrompt``: anything with a ``slug``) are named by their slugs, repeats
+    numbered (``numbered``)."""
+    if images and all(hasattr(item, "slug") for item in images):
+        names = numbered([item.slug for item in images])
         for prompt, name in zip(images, names):
             check_name(name, root, what=f"{prompt}: output name", fix="pass --name", reserved=reserved)
         return names
@@ -173,3 +172,18 @@ def slugify(text: str, fallback: str = "prompt", max_length: int = SLUG_MAX) -> 
             break
         slug = candidate
     return slug or fallback
+
+
+def numbered(names: list[str]) -> list[str]:
+    """``names`` with a later repeat of a name numbered ``-2``, ``-3``, ... (the same prompt
+    twice is run twice, into two folders)."""
+    out: list[str] = []
+    used: set[str] = set()
+    for base in names:
+        name, k = base, 1
+        while name in used:
+            k += 1
+            name = f"{base}-{k}"
+        used.add(name)
+        out.append(name)
+    return out
