@@ -79,6 +79,11 @@ MODULES: dict[str, dict] = {
         "before": ["tests/test_mesh_export.py"],
         "after": ["tests/test_mesh_export.py", "tests/test_wiring_export.py"],
     },
+    "step_graph": {  # the fused SDS and refine steps (round 4), and the denoiser's decide/done
+        "mutate": ["hash3d_dg/guidance/step_graph.py"],
+        "before": ["tests/test_graphed.py"],
+        "after": ["tests/test_graphed.py", "tests/test_text_guidance.py::test_fused_steps_of_a_v_prediction_model_are_bitwise_the_eager_steps"],
+    },
     "gpu_glue": {
         "mutate": ["hash3d_dg/gaussians/rasterize_cuda.py", "hash3d_dg/mesh/rasterize_nvdiffrast.py"],
         "before": ["tests/test_gaussians_raster.py", "tests/test_mesh_raster.py"],
