@@ -1,4 +1,6 @@
-"""Stage 1's SDS step after the encode, replayed as one CUDA graph per path (``guidance.cuda_graphs``).
+"""The guidance's steps replayed as one CUDA graph per path (``guidance.cuda_graphs``): stage 1's
+SDS step after the encode (``SDSStepGraph``) and each DDIM step of stage 2's refine
+(``RefineStepGraph``: UNet, CFG and the DDIM update, see its docstring).
 
 With the UNet alone in a graph (``graphed.GraphedSplit``) a stage-1 iteration still launches
 ~35 small kernels around it: the conditioning (camera projection, the CFG contexts), the forward
@@ -23,9 +25,9 @@ What stays on the host, in the same order as the eager path: the timestep draw a
 (the guidance's generator, outside the graph, so the same numbers), the Hash3D decisions (the
 table's Bernoulli(eta) draw, the cell, the queue), the table's insert and the counters. Before a
 retrieval the query x_t is computed eagerly with the same ops the graph repeats (a handful of
-kernels, only when the table is consulted). The step applies to one view per call or to an
-uncached guidance; a batch of several views with a table (where some views may hit and others
-miss) takes the eager path.
+kernels, only when the table is consulted). A step applies when every view of the call takes
+one path (``CachedDenoiser.uniform``: one view, a trajectory step, or no table); a batch of
+several views with a table (where some views may hit and others miss) takes the eager path.
 
 On the CPU (``capture=False``) the same object runs the same ops on the same static buffers: the
 tests check that this is bitwise the eager step, and on CUDA (``@pytest.mark.cuda``) that the
