@@ -207,3 +207,29 @@ def test_graphed_guidance_equals_eager_guidance_on_cuda():
         assert np.isclose(xa, xb, rtol=2e-2)
         torch.testing.assert_close(ga, gb, rtol=5e-2, atol=5e-2 * float(gb.abs().max()))
     torch.testing.assert_close(ra, rb, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("set_alpha_to_one", [False, True])
+@pytest.mark.parametrize("steps", [10, 50])
+def test_fused_ddim_update_is_diffusers_step_to_the_bit(set_alpha_to_one, steps):
+    """``step_graph.ddim_step`` on the alphas gathered by ``RefineStepGraph`` (the scheduler's
+    alphas with its final alpha appended, indexed by (t, t_prev)) equals ``DDIMScheduler.step``
+    at every timestep of a schedule, the last one (t_prev < 0: the final alpha) included."""
+    from diffusers import DDIMScheduler
+
+    from hash3d_dg.guidance.step_graph import RefineStepGraph, ddim_step
+
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=set_alpha_to_one, steps_offset=1)
+    scheduler.set_timesteps(steps)
+    timesteps = [int(t) for t in scheduler.timesteps.tolist()]
+    graph = RefineStepGraph(capture=False)
+    alphas = graph.alphas(scheduler, torch.device("cpu"))
+    indices = graph.indices(scheduler, timesteps, torch.device("cpu"))
+    assert int(indices[-1, 1]) == scheduler.config.num_train_timesteps  # the final alpha's slot
+    gen = torch.Generator().manual_seed(steps)
+    for i, t in enumerate(timesteps):
+        x = torch.randn(2, 4, 8, 8, generator=gen)
+        eps = torch.randn(2, 4, 8, 8, generator=gen)
+        a = alphas[indices[i]]
+        assert torch.equal(ddim_step(eps, x, a[0], a[1]), scheduler.step(eps, t, x).prev_sample), t

@@ -137,18 +137,15 @@ class SDSStepGraph:
                 "capture_seconds": round(self.capture_seconds, 3)}
 
 
-def ddim_step(eps: Tensor, sample: Tensor, alpha_prod_t: Tensor, alpha_prod_t_prev: Tensor,
-              eta: float = 0.0) -> Tensor:
-    """One DDIM update x_t -> x_{t-1} from the noise prediction (formulas 12 and 16 of the DDIM
-    paper), with ``diffusers.DDIMScheduler.step``'s operations in its order (epsilon prediction,
-    no clipping or thresholding), so the values are the scheduler's to the bit; the alphas are
-    device tensors (gathered from the timesteps on the device: no host number inside)."""
+def ddim_step(eps: Tensor, sample: Tensor, alpha_prod_t: Tensor, alpha_prod_t_prev: Tensor) -> Tensor:
+    """One deterministic DDIM update x_t -> x_{t-1} (eta = 0) from the noise prediction, with
+    ``diffusers.DDIMScheduler.step``'s operations in its order (epsilon prediction, no clipping or
+    thresholding), so the values are the scheduler's to the bit: with eta = 0 its sigma_t is
+    exactly 0 and ``1 - alpha_prev - sigma_t**2`` is ``1 - alpha_prev``. The alphas are device
+    tensors (gathered from the timesteps on the device: no host number inside)."""
     beta_prod_t = 1 - alpha_prod_t
     pred_original_sample = (sample - beta_prod_t ** (0.5) * eps) / alpha_prod_t ** (0.5)
-    beta_prod_t_prev = 1 - alpha_prod_t_prev
-    variance = (beta_prod_t_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
-    std_dev_t = eta * variance ** (0.5)
-    pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5) * eps
+    pred_sample_direction = (1 - alpha_prod_t_prev) ** (0.5) * eps
     return alpha_prod_t_prev ** (0.5) * pred_original_sample + pred_sample_direction
 
 
