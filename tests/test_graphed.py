@@ -21,8 +21,8 @@ def _cfg(mode="paper", **guidance):
                          "stage1": {"ref_size": 32}, "hash3d": {"mode": mode, "eta": 1.0}})
 
 
-def _guidance(cfg, graphed: bool):
-    g = build_guidance(cfg, torch.device("cpu"), torch.float32)
+def _guidance(cfg, graphed: bool, dtype=torch.float32):
+    g = build_guidance(cfg, torch.device("cpu"), dtype)
     if graphed:
         attach_graphs(g, capture=False)
     ref = ReferenceView.from_rgba(render_sample("ball", 32), 0.0, 2.0, 49.1, 32)
@@ -209,9 +209,10 @@ def test_graphed_guidance_equals_eager_guidance_on_cuda():
     torch.testing.assert_close(ra, rb, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("steps_offset", [0, 1])
 @pytest.mark.parametrize("set_alpha_to_one", [False, True])
-@pytest.mark.parametrize("steps", [10, 50])
-def test_fused_ddim_update_is_diffusers_step_to_the_bit(set_alpha_to_one, steps):
+@pytest.mark.parametrize("steps", [10, 30, 50])
+def test_fused_ddim_update_is_diffusers_step_to_the_bit(set_alpha_to_one, steps, steps_offset):
     """``step_graph.ddim_step`` on the alphas gathered by ``RefineStepGraph`` (the scheduler's
     alphas with its final alpha appended, indexed by (t, t_prev)) equals ``DDIMScheduler.step``
     at every timestep of a schedule, the last one (t_prev < 0: the final alpha) included."""
@@ -220,7 +221,8 @@ def test_fused_ddim_update_is_diffusers_step_to_the_bit(set_alpha_to_one, steps)
     from hash3d_dg.guidance.step_graph import RefineStepGraph, ddim_step
 
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=set_alpha_to_one, steps_offset=1)
+                              clip_sample=False, set_alpha_to_one=set_alpha_to_one,
+                              steps_offset=steps_offset)
     scheduler.set_timesteps(steps)
     timesteps = [int(t) for t in scheduler.timesteps.tolist()]
     graph = RefineStepGraph(capture=False)
@@ -233,3 +235,65 @@ def test_fused_ddim_update_is_diffusers_step_to_the_bit(set_alpha_to_one, steps)
         eps = torch.randn(2, 4, 8, 8, generator=gen)
         a = alphas[indices[i]]
         assert torch.equal(ddim_step(eps, x, a[0], a[1]), scheduler.step(eps, t, x).prev_sample), t
+
+
+def test_fused_steps_in_bfloat16_without_a_graphed_split_are_bitwise_the_eager_steps(monkeypatch):
+    """The fused steps on their own (the UNet split not wrapped by ``GraphedSplit``), in bfloat16,
+    with a table: bitwise the eager steps; each path's graph built once, not per call."""
+    from hash3d_dg.guidance import step_graph
+    from hash3d_dg.guidance.step_graph import RefineStepGraph, SDSStepGraph
+
+    built = []
+
+    class Counting(step_graph.CapturedCall):
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(step_graph, "CapturedCall", Counting)
+    cfg = _cfg("fast")
+    eager = _guidance(cfg, False, torch.bfloat16)
+    fused = _guidance(cfg, False, torch.bfloat16)
+    fused.sds_step, fused.refine_step = SDSStepGraph(capture=False), RefineStepGraph(capture=False)
+    a, b = _sds_run(eager), _sds_run(fused)
+    for (la, ga), (lb, gb) in zip(a, b):
+        assert torch.equal(la, lb) and torch.equal(ga, gb)
+    img = torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(5))
+    for _ in range(2):
+        assert torch.equal(eager.refine(img, [10.0], [40.0], [0.0], strength=0.4, steps=10),
+                           fused.refine(img, [10.0], [40.0], [0.0], strength=0.4, steps=10))
+    assert eager.stats() == fused.stats() and fused.stats()["unet"]["shallow_calls"] > 0
+    graphs = fused.sds_step.stats()["graphs"] + fused.refine_step.stats()["graphs"]
+    assert graphs == 4 and len(built) == graphs  # full + shallow per step kind, built once
+
+
+def test_fused_refine_applies_to_a_plain_ddim_epsilon_schedule_only():
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from hash3d_dg.guidance.step_graph import RefineStepGraph
+
+    g = _guidance(_cfg("paper"), True)
+    base = g.refine_scheduler.config
+    x1, x2 = torch.zeros(1, 4, 4, 4), torch.zeros(2, 4, 4, 4)
+    assert RefineStepGraph.applies(g, DDIMScheduler.from_config(base), x1)
+    for other in (DDIMScheduler.from_config(base, clip_sample=True),
+                  DDIMScheduler.from_config(base, thresholding=True),
+                  DDIMScheduler.from_config(base, prediction_type="v_prediction"),
+                  DDPMScheduler.from_config(base)):
+        assert not RefineStepGraph.applies(g, other, x1), other.config
+    assert not RefineStepGraph.applies(g, DDIMScheduler.from_config(base), x2)  # 2 views, a table
+    with g.denoiser.trajectory():  # one path for every view of a trajectory step
+        assert RefineStepGraph.applies(g, DDIMScheduler.from_config(base), x2)
+
+
+def test_fused_refine_keeps_the_alphas_of_each_scheduler_apart():
+    from diffusers import DDIMScheduler
+
+    from hash3d_dg.guidance.step_graph import RefineStepGraph
+
+    graph = RefineStepGraph(capture=False)
+    a = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    b = DDIMScheduler(beta_schedule="linear")
+    alphas_a, alphas_b = graph.alphas(a, torch.device("cpu")), graph.alphas(b, torch.device("cpu"))
+    assert torch.equal(alphas_a[:-1], a.alphas_cumprod) and torch.equal(alphas_b[:-1], b.alphas_cumprod)
+    assert graph.alphas(a, torch.device("cpu")) is alphas_a  # uploaded once per scheduler
