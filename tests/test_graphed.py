@@ -251,7 +251,7 @@ def test_fused_steps_in_bfloat16_without_a_graphed_split_are_bitwise_the_eager_s
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(step_graph, "CapturedCall", Counting)
-    cfg = _cfg("fast")
+    cfg = _cfg("paper")  # the table blends several entries by their queries, in both stages
     eager = _guidance(cfg, False, torch.bfloat16)
     fused = _guidance(cfg, False, torch.bfloat16)
     fused.sds_step, fused.refine_step = SDSStepGraph(capture=False), RefineStepGraph(capture=False)

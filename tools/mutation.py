@@ -115,6 +115,35 @@ EQUIVALENT: dict[str, str] = {
     **{_S1 + n: "the stage's Densifier has min_opacity = 0.01 (the default), which prune() "
                 "uses when none is passed" for n in ("292", "296")},
 }
+_SG = "hash3d_dg.guidance.step_graph.xǁSDSStepGraphǁ"
+_RG = "hash3d_dg.guidance.step_graph.xǁRefineStepGraphǁ"
+_CPU_CAPTURE = "CPU: capture is False on the CPU (no graph, no pool, 0 capture seconds); a CUDA run checks it"
+_PATH_NAME = "a path's name is its key and 'shallow' or not: any other name than 'shallow' is the full path"
+_SHAPE_KEY = ("the shape key only tells trajectory steps of one refine call apart (SDS has no "
+              "trajectory) and every step of a call passes the same one")
+_UNUSED_AFTER_SHALLOW = "done() after a shallow step reads neither the query nor the shape"
+_SAME_DEVICE = "the table's features live on the device of the step already"
+_FLOAT32 = "the scheduler's alphas are float32 and the host lists ints: the dtype/device given is what they have"
+for _G in (_SG, _RG):
+    EQUIVALENT.update({
+        **{_G + f"__init____mutmut_{n}": _CPU_CAPTURE for n in ("1", "2", "4", "5")},
+        **{_G + f"stats__mutmut_{n}": _CPU_CAPTURE for n in ("8", "9", "10", "11")},
+    })
+EQUIVALENT.update({
+    **{_SG + f"__init____mutmut_{n}": _CPU_CAPTURE for n in ("8",)},
+    **{_RG + f"__init____mutmut_{n}": _CPU_CAPTURE for n in ("9",)},
+    **{_SG + f"_path__mutmut_{n}": _CPU_CAPTURE for n in ("13", "14", "17", "18", "29", "30")},
+    **{_RG + f"_path__mutmut_{n}": _CPU_CAPTURE for n in ("13", "14", "17", "18", "31", "32")},
+    **{_SG + f"__call____mutmut_{n}": _PATH_NAME for n in ("83", "89", "90")},
+    **{_RG + f"__call____mutmut_{n}": _PATH_NAME for n in ("48", "56", "57")},
+    **{_SG + f"__call____mutmut_{n}": _SHAPE_KEY for n in ("44", "46", "47", "52", "93")},
+    **{_RG + f"__call____mutmut_{n}": _SHAPE_KEY for n in ("7", "9", "10")},
+    **{_SG + f"__call____mutmut_{n}": _UNUSED_AFTER_SHALLOW for n in ("75", "76")},
+    **{_RG + f"__call____mutmut_{n}": _UNUSED_AFTER_SHALLOW for n in ("40", "41")},
+    _SG + "__call____mutmut_63": _SAME_DEVICE, _RG + "__call____mutmut_26": _SAME_DEVICE,
+    _SG + "__call____mutmut_26": _FLOAT32, _RG + "indices__mutmut_14": _FLOAT32,
+    **{_RG + f"alphas__mutmut_{n}": _FLOAT32 for n in ("6", "7", "8", "9", "14", "16", "21", "24")},
+})
 _S2 = "hash3d_dg.stages.stage2.x_run_stage2__mutmut_"
 _RS = "hash3d_dg.stages.stage2.x_render_supersampled__mutmut_"
 EQUIVALENT.update({
