@@ -14,8 +14,8 @@ from hash3d_dg.eval.learned_oracle import LearnedDenoiser, load_judge
 #: Bounds for the shipped weights on the fixed held-out batch (32 views of the oracle object,
 #: t = 20 .. 980, fixed noise). A random init gives eps MSE ~1.17 and one-step PSNR ~8.8 dB; the
 #: shipped weights' own figures are in weights/learned_oracle.json (``heldout``).
-MAX_HELDOUT_EPS_MSE = 0.02  # shipped: 0.0116
-MIN_HELDOUT_X0_PSNR = 23.0  # shipped: 25.7 dB
+MAX_HELDOUT_EPS_MSE = 0.008  # shipped: 0.00424 (7000 steps; the 2069-step weights: 0.0116)
+MIN_HELDOUT_X0_PSNR = 29.0  # shipped: 31.5 dB (the 2069-step weights: 25.7 dB)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_the_camera_matters_to_the_learned_oracle(learned):
     with torch.no_grad():
         right_err = (L.predict(learned, x_t, batch["t"], batch["cameras"], batch["reference"]) - batch["noise"]).square().mean()
         wrong_err = (L.predict(learned, x_t, batch["t"], wrong, batch["reference"]) - batch["noise"]).square().mean()
-    assert wrong_err > 1.15 * right_err
+    assert wrong_err > 5.0 * right_err  # shipped weights: 25.7x
 
 
 def test_camera_tokens_are_four_deterministic_tokens():
