@@ -103,6 +103,18 @@ def pareto_front(rows: list[dict], x: str = "stage1_shallow_fraction", y: str = 
     return front
 
 
+#: What each judge's deep feature is (what the cache's approximations can cost on it).
+JUDGE_NOTES = {
+    "analytic": ("Oracle deep feature = clean render of the conditioning camera: timestep "
+                 "fall-back and trajectory reuse cost nothing here; the cache point does not "
+                 "exist for the oracle."),
+    "learned": ("Judge: the learned oracle (eval/learned.py), a trained 32 px denoiser whose deep "
+                "feature is its UNet's at each run's cache point (UNetSplit): it depends on the "
+                "timestep and carries the noise of the pass that computed it."),
+    "random": "Judge: the learned oracle's architecture at its random init (a control).",
+}
+
+
 def _row(label: str, meta: dict, result: dict) -> dict:
     u1, u2 = result["stage1"]["unet"], result["stage2"]["unet"]
     calls1 = u1["full_calls"] + u1["shallow_calls"]
@@ -170,10 +182,8 @@ def pareto_report(size: str = "tiny", iters: int = 500, iters_refine: int = 50, 
                      "configs": {label: dataclasses.asdict(h) for label, _, h, _ in runs},
                      "notes": ("reduced setting: the oracle at --size " + size + " with the default "
                                "iteration counts (so call counts and hit rates are those of a "
-                               "default run; PSNR is that of a small render). Oracle deep feature = "
-                               "clean render of the conditioning camera: timestep fall-back and "
-                               "trajectory reuse cost nothing here; the cache point does not exist "
-                               "for the oracle.")},
+                               "default run; PSNR is that of a small render). " + JUDGE_NOTES.get(
+                                   judge, "judge: " + judge))},
     }
     if plot:
         plot_pareto(report, plot)
