@@ -240,17 +240,17 @@ def test_fused_ddim_update_is_diffusers_step_to_the_bit(set_alpha_to_one, steps,
 def test_fused_steps_in_bfloat16_without_a_graphed_split_are_bitwise_the_eager_steps(monkeypatch):
     """The fused steps on their own (the UNet split not wrapped by ``GraphedSplit``), in bfloat16,
     with a table: bitwise the eager steps; each path's graph built once, not per call."""
-    from hash3d_dg.guidance import step_graph
+    from hash3d_dg.guidance import graphed
     from hash3d_dg.guidance.step_graph import RefineStepGraph, SDSStepGraph
 
     built = []
 
-    class Counting(step_graph.CapturedCall):
+    class Counting(graphed.CapturedCall):
         def __init__(self, *args, **kwargs):
             built.append(1)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(step_graph, "CapturedCall", Counting)
+    monkeypatch.setattr(graphed, "CapturedCall", Counting)
     cfg = _cfg("paper")  # the table blends several entries by their queries, in both stages
     eager = _guidance(cfg, False, torch.bfloat16)
     fused = _guidance(cfg, False, torch.bfloat16)

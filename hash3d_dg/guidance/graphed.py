@@ -112,11 +112,7 @@ class GraphedSplit:
         if self.capture and device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.device = device
-        self._paths: dict[tuple, CapturedCall] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.capture else None
-        self.captures = 0
-        self.replays = 0
-        self.capture_seconds = 0.0
+        self.graphs = GraphedCalls(self.capture, label="UNet")  # one graph per path and shapes
         self.calls: GraphedCalls | None = None  # the guidance's autoencoder graphs (for stats)
         self.grad_calls: GraphedAutograd | None = None  # its differentiable encode (for stats)
         self.step_graph = None  # its fused SDS step (``step_graph.SDSStepGraph``, for stats)
@@ -125,43 +121,23 @@ class GraphedSplit:
     def __getattr__(self, name):  # unet, cache_point, n_skips, ...
         return getattr(self.split, name)
 
-    def _path(self, name: str, fn, inputs: list[Tensor]) -> CapturedCall:
-        key = (name,) + tuple((tuple(t.shape), t.dtype, t.stride()) for t in inputs)
-        path = self._paths.get(key)
-        if path is None:
-            path = CapturedCall(fn, inputs, self.capture, self._pool)
-            self._paths[key] = path
-            self.captures += 1
-            self.capture_seconds += path.capture_seconds
-            if self.capture:
-                log.info("captured the UNet's %s path as a CUDA graph in %.2f s", name,
-                         path.capture_seconds)
-        return path
-
     def full(self, sample: Tensor, timestep, encoder_hidden_states: Tensor):
         if torch.is_grad_enabled() and sample.requires_grad:
             return self.split.full(sample, timestep, encoder_hidden_states)
         t = _as_timestep(timestep, sample.shape[0], sample.device)
-        inputs = [sample, t, encoder_hidden_states]
-        path = self._path("full", self.split.full, inputs)
-        self.replays += 1
-        return path(inputs)
+        return self.graphs("full", self.split.full, sample, t, encoder_hidden_states)
 
     def shallow(self, sample: Tensor, timestep, encoder_hidden_states: Tensor, feature: Tensor):
         if torch.is_grad_enabled() and sample.requires_grad:
             return self.split.shallow(sample, timestep, encoder_hidden_states, feature)
         t = _as_timestep(timestep, sample.shape[0], sample.device)
-        inputs = [sample, t, encoder_hidden_states, feature]
-        path = self._path("shallow", self.split.shallow, inputs)
-        self.replays += 1
-        return path(inputs)
+        return self.graphs("shallow", self.split.shallow, sample, t, encoder_hidden_states, feature)
 
     def __call__(self, sample: Tensor, timestep, encoder_hidden_states: Tensor) -> Tensor:
         return self.full(sample, timestep, encoder_hidden_states)[0]
 
     def stats(self) -> dict:
-        out = {"graphs": self.captures, "replays": self.replays,
-               "capture_seconds": round(self.capture_seconds, 3), "captured": self.capture}
+        out = {**self.graphs.stats(), "captured": self.capture}
         for name, calls in (("autoencoder", self.calls), ("encoder_autograd", self.grad_calls),
                             ("sds_step", self.step_graph), ("refine_step", self.refine_graph)):
             if calls is not None:  # the autoencoder's graphs of the same guidance
@@ -173,25 +149,32 @@ class GraphedSplit:
 
 
 class GraphedCalls:
-    """No-grad calls of fixed functions (stage 2's autoencoder encode and decode) replayed from
-    CUDA graphs: ``calls(name, fn, *inputs)`` captures ``fn`` once per name and input shapes and
-    replays it (``capture=False``: the same buffers and ops, eagerly). ``fn`` must return a
-    tensor or a tuple of tensors and be the same computation for a name at every call."""
+    """No-grad calls of fixed functions replayed from CUDA graphs: ``calls(name, fn, *inputs)``
+    captures ``fn`` once per name and input shapes (and ``tag``, for a constant ``fn`` reads) and
+    replays it (``capture=False``: the same buffers and ops, eagerly). ``fn`` must return a tensor
+    or a tuple of tensors and be the same computation for a name at every call: it is only used
+    at the first. Used for stage 2's autoencoder encode and decode, the UNet's paths
+    (``GraphedSplit``) and the fused steps (``step_graph``); ``label`` names them in the log line
+    of a capture."""
 
-    def __init__(self, capture: bool) -> None:
+    def __init__(self, capture: bool, label: str | None = None) -> None:
         self.capture = bool(capture)
+        self.label = label
         self._paths: dict[tuple, CapturedCall] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.capture_seconds = 0.0
         self.replays = 0
 
-    def __call__(self, name: str, fn, *inputs: Tensor):
-        key = (name,) + tuple((tuple(t.shape), t.dtype, t.stride()) for t in inputs)
+    def __call__(self, name: str, fn, *inputs: Tensor, tag=None):
+        key = (name, tag) + tuple((tuple(t.shape), t.dtype, t.stride()) for t in inputs)
         path = self._paths.get(key)
         if path is None:
             path = CapturedCall(fn, list(inputs), self.capture, self._pool)
             self._paths[key] = path
             self.capture_seconds += path.capture_seconds
+            if self.capture and self.label:
+                log.info("captured the %s's %s path as a CUDA graph in %.2f s", self.label, name,
+                         path.capture_seconds)
         self.replays += 1
         return path(list(inputs))
 

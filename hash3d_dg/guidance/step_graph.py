@@ -40,15 +40,11 @@ d_r, t, batch)``, ``add_noise_at`` and ``sds_weight_at`` (``LatentGuidance``).
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import Tensor
 
 from hash3d_dg.accel import upload
-from hash3d_dg.guidance.graphed import CapturedCall
-
-log = logging.getLogger(__name__)
+from hash3d_dg.guidance.graphed import GraphedCalls
 
 #: rows per view of a classifier-free-guided UNet call ([cond; uncond])
 CFG_COPIES = 2
@@ -63,11 +59,7 @@ class SDSStepGraph:
     """The SDS step after the encode as one graph per path and shapes (see the module docstring)."""
 
     def __init__(self, capture: bool) -> None:
-        self.capture = bool(capture)
-        self._paths: dict[tuple, CapturedCall] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.capture else None
-        self.capture_seconds = 0.0
-        self.replays = 0
+        self.graphs = GraphedCalls(capture, label="SDS step")
 
     def applies(self, guidance, x: Tensor) -> bool:
         """Every view of the call takes one path (one view, or no table to consult)."""
@@ -89,19 +81,9 @@ class SDSStepGraph:
             return (grad, x_q) if shallow else (grad, x_q, feature)
         return body
 
-    def _path(self, name: str, guidance, inputs: list[Tensor]) -> CapturedCall:
-        key = (name,) + tuple((tuple(t.shape), t.dtype, t.stride()) for t in inputs)
-        path = self._paths.get(key)
-        if path is None:
-            split = _raw_split(guidance.denoiser.model)
-            path = CapturedCall(self._body(guidance, split, name == "shallow"), inputs, self.capture,
-                             self._pool)
-            self._paths[key] = path
-            self.capture_seconds += path.capture_seconds
-            if self.capture:
-                log.info("captured the SDS step's %s path as a CUDA graph in %.2f s", name,
-                         path.capture_seconds)
-        return path
+    def _replay(self, name: str, guidance, inputs: list[Tensor]):
+        body = self._body(guidance, _raw_split(guidance.denoiser.model), name == "shallow")
+        return self.graphs(name, body, *inputs)
 
     def __call__(self, guidance, x: Tensor, noise: Tensor, t: int, d_elevation, d_azimuth,
                  d_radius) -> Tensor:
@@ -121,20 +103,18 @@ class SDSStepGraph:
         denoiser = guidance.denoiser
         shape = ("sds",) + tuple(x.shape)
         feature = denoiser.decide(keys, view_query, shape, CFG_COPIES)
-        self.replays += 1
         if feature is not None:
             inputs = [x, noise, t_dev, *tensors, feature.to(x.device)]
-            grad, _ = self._path("shallow", guidance, inputs)(inputs)
+            grad, _ = self._replay("shallow", guidance, inputs)
             denoiser.done(keys, view_query, shape)
             return grad
         inputs = [x, noise, t_dev, *tensors]
-        grad, x_q, feature = self._path("full", guidance, inputs)(inputs)
+        grad, x_q, feature = self._replay("full", guidance, inputs)
         denoiser.done(keys, lambda i: x_q[i], shape, feature)
         return grad
 
     def stats(self) -> dict:
-        return {"graphs": len(self._paths), "replays": self.replays,
-                "capture_seconds": round(self.capture_seconds, 3)}
+        return self.graphs.stats()
 
 
 def ddim_step(eps: Tensor, sample: Tensor, alpha_prod_t: Tensor, alpha_prod_t_prev: Tensor) -> Tensor:
@@ -162,12 +142,8 @@ class RefineStepGraph:
     """
 
     def __init__(self, capture: bool) -> None:
-        self.capture = bool(capture)
-        self._paths: dict[tuple, CapturedCall] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.graphs = GraphedCalls(capture, label="refine step")
         self._alphas: dict[int, Tensor] = {}  # per scheduler: alphas_cumprod + [final alpha]
-        self.capture_seconds = 0.0
-        self.replays = 0
 
     @staticmethod
     def applies(guidance, scheduler, x: Tensor) -> bool:
@@ -215,19 +191,9 @@ class RefineStepGraph:
             return x_prev if shallow else (x_prev, feature)
         return body
 
-    def _path(self, name: str, guidance, alphas: Tensor, inputs: list[Tensor]) -> CapturedCall:
-        key = (name, alphas.data_ptr()) + tuple((tuple(t.shape), t.dtype, t.stride()) for t in inputs)
-        path = self._paths.get(key)
-        if path is None:
-            split = _raw_split(guidance.denoiser.model)
-            path = CapturedCall(self._body(guidance, split, alphas, name == "shallow"), inputs,
-                             self.capture, self._pool)
-            self._paths[key] = path
-            self.capture_seconds += path.capture_seconds
-            if self.capture:
-                log.info("captured the refine step's %s path as a CUDA graph in %.2f s", name,
-                         path.capture_seconds)
-        return path
+    def _replay(self, name: str, guidance, alphas: Tensor, inputs: list[Tensor]):
+        body = self._body(guidance, _raw_split(guidance.denoiser.model), alphas, name == "shallow")
+        return self.graphs(name, body, *inputs, tag=alphas.data_ptr())  # the graph reads alphas
 
     def __call__(self, guidance, x: Tensor, t: int, index: Tensor, alphas: Tensor,
                  tensors: list[Tensor], keys) -> Tensor:
@@ -243,17 +209,15 @@ class RefineStepGraph:
 
         shape = ("refine",) + tuple(x.shape)
         feature = denoiser.decide(keys, view_query, shape, CFG_COPIES)
-        self.replays += 1
         if feature is not None:
             inputs = [x, index, *tensors, feature.to(x.device)]
-            x_prev = self._path("shallow", guidance, alphas, inputs)(inputs)
+            x_prev = self._replay("shallow", guidance, alphas, inputs)
             denoiser.done(keys, view_query, shape)
             return x_prev
         inputs = [x, index, *tensors]
-        x_prev, feature = self._path("full", guidance, alphas, inputs)(inputs)
+        x_prev, feature = self._replay("full", guidance, alphas, inputs)
         denoiser.done(keys, view_query, shape, feature)
         return x_prev
 
     def stats(self) -> dict:
-        return {"graphs": len(self._paths), "replays": self.replays,
-                "capture_seconds": round(self.capture_seconds, 3)}
+        return self.graphs.stats()
