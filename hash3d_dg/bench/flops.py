@@ -127,13 +127,12 @@ def vae_gmacs(image_size: int = 256) -> dict:
     return {"encode": encode, "decode": decode}
 
 
-def flops_report(image_size: int = 256, cache_point: str = "paper") -> dict:
-    """The numbers `python -m hash3d_dg.bench flops` prints."""
-    unet = unet_gmacs(image_size, 2)
-    vae = vae_gmacs(image_size)
+def unet_report_fields(unet: dict, image_size: int, cache_point: str) -> dict:
+    """The UNet's part of a ``bench flops`` report (either task): sizes, the CFG-pair full pass
+    and the shallow path at ``cache_point`` and at every named point, from ``unet`` (a
+    ``unet_gmacs``-shaped dict of one model at batch 2)."""
     shallow = unet["shallow_by_point"]
     return {
-        "architecture": "stable-zero123 (SD-1.x UNet, in_channels 8, cross-attention 768) + SD VAE",
         "image_size": image_size,
         "latent_size": image_size // 8,
         "unet_batch": 2,
@@ -143,6 +142,15 @@ def flops_report(image_size: int = 256, cache_point: str = "paper") -> dict:
         "unet_shallow_gmacs_by_point": {k: round(v, 3) for k, v in shallow.items()},
         "unet_shallow_fraction_by_point": {k: round(v / unet["full"], 4) for k, v in shallow.items()},
         "cache_point_pairs": {k: list(v) for k, v in NAMED_CACHE_POINTS.items()},
+    }
+
+
+def flops_report(image_size: int = 256, cache_point: str = "paper") -> dict:
+    """The numbers `python -m hash3d_dg.bench flops` prints."""
+    vae = vae_gmacs(image_size)
+    return {
+        "architecture": "stable-zero123 (SD-1.x UNet, in_channels 8, cross-attention 768) + SD VAE",
+        **unet_report_fields(unet_gmacs(image_size, 2), image_size, cache_point),
         "vae_encode_gmacs": round(vae["encode"], 3),
         "vae_decode_gmacs": round(vae["decode"], 3),
         "tiny_vae_gmacs": {k: round(v, 3) for k, v in taesd_gmacs(image_size).items()},

@@ -19,8 +19,8 @@ from functools import lru_cache
 
 import torch
 
-from hash3d_dg.bench.flops import autoencoder_gmacs, count_gmacs, taesd_gmacs
-from hash3d_dg.cache.config import CACHE_POINTS, NAMED_CACHE_POINTS
+from hash3d_dg.bench.flops import autoencoder_gmacs, count_gmacs, taesd_gmacs, unet_report_fields
+from hash3d_dg.cache.config import CACHE_POINTS
 
 #: The paper's text-to-3D claim this is compared with (Hash3D, Yang & Wang: GaussianDreamer).
 PAPER_TEXT_CLAIM = {"model": "GaussianDreamer", "speedup": 1.5, "measure": "wall-clock time of a whole run"}
@@ -95,21 +95,11 @@ def sd21_text_encoder_gmacs() -> float:
 
 def text_flops_report(image_size: int = TEXT_IMAGE_SIZE, cache_point: str = "paper") -> dict:
     """The numbers ``python -m hash3d_dg.bench flops --task text`` prints."""
-    unet = sd21_unet_gmacs(image_size, 2)
     vae = sd21_vae_gmacs(image_size)
-    shallow = unet["shallow_by_point"]
     return {
         "architecture": "Stable Diffusion 2.1-base (UNet: linear projections, heads [5, 10, 20, 20] x 64, "
                         "cross-attention 1024, 77 tokens) + SD VAE + OpenCLIP ViT-H text tower (23 layers)",
-        "image_size": image_size,
-        "latent_size": image_size // 8,
-        "unet_batch": 2,
-        "unet_full_gmacs": round(unet["full"], 3),
-        "unet_shallow_gmacs": round(shallow[cache_point], 3),
-        "unet_shallow_cache_point": cache_point,
-        "unet_shallow_gmacs_by_point": {k: round(v, 3) for k, v in shallow.items()},
-        "unet_shallow_fraction_by_point": {k: round(v / unet["full"], 4) for k, v in shallow.items()},
-        "cache_point_pairs": {k: list(v) for k, v in NAMED_CACHE_POINTS.items()},
+        **unet_report_fields(sd21_unet_gmacs(image_size, 2), image_size, cache_point),
         "vae_encode_gmacs": round(vae["encode"], 3),
         "vae_encode_backward_gmacs": round(vae["encode_backward"], 3),
         "vae_decode_gmacs": round(vae["decode"], 3),
