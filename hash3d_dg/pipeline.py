@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import importlib
 import logging
-import os
 import platform
 import shutil
 import threading
@@ -58,20 +57,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def tiny_model_dir(family: str = "stable", seed: int = 0) -> Path:
     """The built-in tiny random checkpoint (smoke runs), written on first use into the cache."""
     from hash3d_dg.guidance import write_tiny_checkpoint
+    from hash3d_dg.guidance.loading import builtin_checkpoint_dir
 
-    cache = Path(os.environ.get("HASH3D_DG_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hash3d-dg"))
-    target = cache / f"tiny-{family}-zero123-diffusers-{seed}"
-    if not (target / "model_index.json").is_file():
-        staging = cache / f".{target.name}.tmp-{os.getpid()}"
-        try:
-            write_tiny_checkpoint(staging, family=family, seed=seed)
-            os.replace(staging, target)
-        except OSError:  # another process won the race
-            shutil.rmtree(staging, ignore_errors=True)
-        except BaseException:  # interrupted: leave no half-written checkpoint
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    return target
+    return builtin_checkpoint_dir(f"tiny-{family}-zero123-diffusers-{seed}",
+                                  lambda folder: write_tiny_checkpoint(folder, family=family, seed=seed))
 
 
 #: ``guidance.type`` -> the builder of that guidance, ``builder(cfg, device, dtype)`` (imported

@@ -299,23 +299,36 @@ def load_tiny_vae(source: str = DEFAULT_TINY_VAE, device: str | torch.device = "
 BUILTIN_TINY = "builtin:tiny"
 
 
-def builtin_tiny_vae_dir(seed: int = 0) -> Path:
-    """The built-in tiny random ``AutoencoderTiny`` (smoke runs with the built-in tiny model),
-    written on first use into the hash3d-dg cache folder (``HASH3D_DG_CACHE``)."""
+def builtin_checkpoint_dir(name: str, write, marker: str = "model_index.json") -> Path:
+    """The built-in tiny random checkpoint ``name`` in the hash3d-dg cache folder
+    (``HASH3D_DG_CACHE``, else ``$XDG_CACHE_HOME/hash3d-dg``), written on first use (when
+    ``marker`` is missing) by ``write(folder)`` into a staging folder that is then renamed into
+    place: processes racing for it each write their own copy and the losers drop theirs; a write
+    that fails or is interrupted leaves nothing half-written and raises."""
     import shutil
 
-    from hash3d_dg.guidance.tiny import write_tiny_taesd
-
     cache = Path(os.environ.get("HASH3D_DG_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hash3d-dg"))
-    target = cache / f"tiny-taesd-{seed}"
-    if not (target / "config.json").is_file():
+    target = cache / name
+    if not (target / marker).is_file():
         staging = cache / f".{target.name}.tmp-{os.getpid()}"
-        write_tiny_taesd(staging, seed=seed)
+        try:
+            write(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         try:
             os.replace(staging, target)
         except OSError:  # another process won the race
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def builtin_tiny_vae_dir(seed: int = 0) -> Path:
+    """The built-in tiny random ``AutoencoderTiny`` (smoke runs with the built-in tiny model)."""
+    from hash3d_dg.guidance.tiny import write_tiny_taesd
+
+    return builtin_checkpoint_dir(f"tiny-taesd-{seed}", lambda folder: write_tiny_taesd(folder, seed=seed),
+                                  marker="config.json")
 
 
 def load_latent_vae(guidance, hash3d_mode: str, device, dtype) -> AutoencoderTiny | None:

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from hash3d_dg.guidance.loading import ModelLoadError, _frozen, _one_line, _REPO_ID, _resolve_local_dir
+from hash3d_dg.guidance.loading import (ModelLoadError, _frozen, _one_line, _REPO_ID, _resolve_local_dir,
+                                        builtin_checkpoint_dir)
 
 logger = logging.getLogger(__name__)
 
@@ -187,16 +186,5 @@ def tiny_sd_model_dir(seed: int = 0) -> Path:
     ``guidance.type=sd``), written on first use into the hash3d-dg cache folder."""
     from hash3d_dg.guidance.tiny_sd import write_tiny_sd_checkpoint
 
-    cache = Path(os.environ.get("HASH3D_DG_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hash3d-dg"))
-    target = cache / f"tiny-stable-diffusion-{seed}"
-    if not (target / "model_index.json").is_file():
-        staging = cache / f".{target.name}.tmp-{os.getpid()}"
-        try:
-            write_tiny_sd_checkpoint(staging, seed=seed)
-            os.replace(staging, target)
-        except OSError:  # another process won the race
-            shutil.rmtree(staging, ignore_errors=True)
-        except BaseException:  # interrupted: leave no half-written checkpoint
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    return target
+    return builtin_checkpoint_dir(f"tiny-stable-diffusion-{seed}",
+                                  lambda folder: write_tiny_sd_checkpoint(folder, seed=seed))
