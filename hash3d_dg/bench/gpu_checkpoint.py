@@ -45,6 +45,23 @@ def _arch(arch: str) -> tuple[dict, dict, CLIPVisionConfig, int, int]:
     raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
 
 
+def _save_random_parts(root: Path, device, seed: int, build, variant: str | None = None) -> None:
+    """``build()``'s modules (name -> module), made on ``device`` from ``seed`` (the global RNG
+    state left as it was), saved in fp16 safetensors under ``root/name`` one at a time."""
+    root.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            parts = build()
+    for name, module in parts.items():
+        module.to("cpu", torch.float16).save_pretrained(root / name, safe_serialization=True, variant=variant)
+        del module
+    parts.clear()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def write_random_checkpoint(path: str | Path, arch: str = "full", seed: int = 0,
                             device: str | torch.device = "cpu") -> Path:
     """Write a random-weight stable-zero123 checkpoint (fp16 safetensors) at ``path``.
@@ -54,21 +71,10 @@ def write_random_checkpoint(path: str | Path, arch: str = "full", seed: int = 0,
     """
     unet_cfg, vae_cfg, clip_cfg, embed_dim, clip_size = _arch(arch)
     root = Path(path)
-    root.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device)
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        with torch.device(device):
-            parts = {"unet": UNet2DConditionModel(**unet_cfg), "vae": AutoencoderKL(**vae_cfg),
-                     "image_encoder": CLIPVisionModelWithProjection(clip_cfg),
-                     "clip_camera_projection": CLIPCameraProjection(embedding_dim=embed_dim,
-                                                                    additional_embeddings=4)}
-    for name, module in parts.items():
-        module.to("cpu", torch.float16).save_pretrained(root / name, safe_serialization=True)
-        del module
-    parts.clear()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    _save_random_parts(root, device, seed, lambda: {
+        "unet": UNet2DConditionModel(**unet_cfg), "vae": AutoencoderKL(**vae_cfg),
+        "image_encoder": CLIPVisionModelWithProjection(clip_cfg),
+        "clip_camera_projection": CLIPCameraProjection(embedding_dim=embed_dim, additional_embeddings=4)})
     (root / "clip_camera_projection" / "zero123.py").write_text(_ZERO123_PY_PLACEHOLDER)
     DDIMScheduler(**scheduler_config()).save_pretrained(root / "scheduler")
     _write_json(root / "feature_extractor" / "preprocessor_config.json",
@@ -88,7 +94,6 @@ def write_random_sd_checkpoint(path: str | Path, arch: str = "full", seed: int =
     here; its ids all fall inside the full tower's vocabulary). The global RNG state is left
     untouched.
     """
-    from diffusers import AutoencoderKL as _AutoencoderKL
     from transformers import CLIPTextModel
 
     from hash3d_dg.guidance import tiny_sd
@@ -98,20 +103,10 @@ def write_random_sd_checkpoint(path: str | Path, arch: str = "full", seed: int =
     if arch == "tiny":
         return tiny_sd.write_tiny_sd_checkpoint(path, seed=seed)
     root = Path(path)
-    root.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device)
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        with torch.device(device):
-            parts = {"unet": UNet2DConditionModel(**tiny_sd.sd21_unet_config()),
-                     "vae": _AutoencoderKL(**tiny_sd.sd21_vae_config()),
-                     "text_encoder": CLIPTextModel(tiny_sd.sd21_text_encoder_config())}
-    for name, module in parts.items():
-        module.to("cpu", torch.float16).save_pretrained(root / name, safe_serialization=True, variant="fp16")
-        del module
-    parts.clear()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    _save_random_parts(root, device, seed, lambda: {
+        "unet": UNet2DConditionModel(**tiny_sd.sd21_unet_config()),
+        "vae": AutoencoderKL(**tiny_sd.sd21_vae_config()),
+        "text_encoder": CLIPTextModel(tiny_sd.sd21_text_encoder_config())}, variant="fp16")
     tiny_sd.write_tiny_clip_tokenizer(root / "tokenizer")
     _write_json(root / "scheduler" / "scheduler_config.json",
                 dict(tiny_sd.sd_scheduler_config(), _class_name="PNDMScheduler"))
