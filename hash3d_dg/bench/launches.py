@@ -412,14 +412,9 @@ def _gate(obj, counter, on, skip=(), deep=True):
     return obj
 
 
-class _GraphGate(torch.autograd.Function):
+class _GraphGate(_Gate):
     """Identity whose backward opens (``on``: one graph launch) or closes the counting of a
     graphed backward (``make_graphed_callables`` replays the whole backward as one graph)."""
-
-    @staticmethod
-    def forward(ctx, x, counter, on):
-        ctx.counter, ctx.on = counter, on
-        return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
